@@ -1,0 +1,97 @@
+"""Every config field with its default. Variant configs start from here and override a few.
+
+  python launch.py --config=configs/default.py --workdir=/tmp/run
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = 'tfds'  # tfds | folder | npz | digits | toy2d
+  data.name = 'oxford_flowers102'  # TFDS name, or for toy2d: swiss_roll | moons | s_curve
+  data.splits = 'train+validation+test'  # TFDS split expression used for training
+  data.eval_splits = 'test'  # held-out split for bits/dim (TFDS); npz/folder use data.path
+  data.data_dir = ''  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+  data.download = True  # let TFDS download a missing data set (needs network)
+  data.path = ''  # folder of images, or .npz file with `images` (and optional `labels`)
+  data.image_size = 64  # images are center-cropped and resized to this square size
+  data.channels = 3  # 3 for RGB sources, 1 for digits; ignored for toy2d
+  data.random_flip = True  # random horizontal flip
+  data.class_conditional = False  # feed labels to the model (classifier-free guidance)
+  data.num_classes = 0  # number of labels when class_conditional (0: read from the source)
+  data.shuffle_buffer = 10_000  # tf.data shuffle buffer (in-memory sources shuffle fully)
+  data.num_points = 100_000  # toy2d: size of the fixed point set
+  data.prefetch = 2  # batches prefetched to the devices
+
+  config.model = model = ml_collections.ConfigDict()
+  model.architecture = 'unet'  # unet | mlp
+  model.channels = 128  # base width of the U-Net
+  model.channel_mult = (1, 2, 2, 2)  # width multiplier of each resolution level
+  model.num_res_blocks = 2  # ResBlocks per down level (the up path has one more)
+  model.attention_resolutions = (16,)  # feature-map sizes that get self-attention
+  model.num_heads = 1  # attention heads (DDPM: 1), used when head_dim is 0
+  model.head_dim = 0  # fixed width per attention head (0: use num_heads)
+  model.dropout = 0.1  # dropout inside ResBlocks
+  model.scale_shift = False  # time embedding as GroupNorm scale/shift (ADM) instead of added
+  model.num_groups = 32  # GroupNorm groups
+  model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
+  model.hidden = 128  # mlp: width
+  model.num_layers = 4  # mlp: residual blocks
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = 'linear'  # linear | cosine | offset_cosine | sigmoid
+  diffusion.num_timesteps = 1000  # T
+  diffusion.prediction_type = 'eps'  # eps | x0 | v
+  diffusion.loss = 'l2'  # l2 | l1
+  diffusion.min_snr_gamma = 0.0  # Min-SNR-gamma loss weighting (0: off; 5 is typical)
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global batch, split over every device of every host
+  training.num_steps = 500_000  # total optimizer steps
+  training.learning_rate = 2e-4  # peak learning rate
+  training.lr_schedule = 'constant'  # constant | cosine (after warm-up)
+  training.warmup_steps = 5000  # linear learning-rate warm-up
+  training.b1 = 0.9  # AdamW beta1
+  training.b2 = 0.999  # AdamW beta2
+  training.eps = 1e-8  # AdamW epsilon
+  training.weight_decay = 0.0  # AdamW decoupled weight decay
+  training.grad_clip = 1.0  # global-norm clipping (0: off)
+  training.ema_decay = 0.9999  # EMA of the parameters, used for sampling
+  training.ema_warmup = True  # ramp the EMA decay as min(decay, (1 + step) / (10 + step))
+  training.label_dropout = 0.1  # class_conditional: drop labels to "none" for guidance
+  training.seed = 0  # initialisation, data order and noise
+  training.steps_per_call = 1  # train steps per compiled call (lax.scan)
+  training.log_every = 100  # metrics to stdout and TensorBoard
+  training.sample_every = 5000  # sample grid from the EMA params (0: off)
+  training.checkpoint_every = 5000  # Orbax checkpoint
+  training.keep_checkpoints = 3  # how many checkpoints to keep
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = 'ddim'  # ddpm | ddim
+  sampling.num_steps = 50  # DDIM steps (DDPM always runs all T)
+  sampling.eta = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+  sampling.spacing = 'uniform'  # DDIM timesteps: uniform | quadratic
+  sampling.variance = 'small'  # DDPM: small (posterior) | large (beta)
+  sampling.clip_x0 = True  # clip predicted x0 to [-1, 1] (images)
+  sampling.guidance_scale = 1.0  # classifier-free guidance (1: plain conditional)
+  sampling.label = -1  # class of the samples (-1: cycle through the classes)
+  sampling.num_samples = 64  # --mode=sample: how many to generate
+  sampling.batch_size = 64  # global batch for generation
+  sampling.seed = 0  # noise for generation
+  sampling.checkpoint_step = -1  # which checkpoint to sample from (-1: latest)
+  sampling.trajectory = False  # also write the x_T -> x_0 strip
+  sampling.preview_samples = 16  # size of the grid written during training
+  sampling.preview_steps = 25  # DDIM steps for that grid
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_samples = 10_000  # generated samples for FID/KID
+  ev.inception_path = ''  # pt_inception-2015-12-05-6726825d.pth or a converted .npz
+  ev.reference_stats = ''  # cached .npz of data-set Inception statistics ('' = compute)
+  ev.num_reference = 10_000  # data images used for reference statistics
+  ev.bpd_num_examples = 0  # held-out images for bits/dim (0: skip)
+  ev.bpd_batch_size = 16  # batch for bits/dim (T network calls per batch)
+
+  return config

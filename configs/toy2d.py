@@ -1,0 +1,34 @@
+"""2-D toy data (Swiss roll by default) with an MLP denoiser.
+
+  python launch.py --config=configs/toy2d.py --workdir=/tmp/toy2d
+  python launch.py --config=configs/toy2d.py --config.data.name=moons --workdir=/tmp/moons
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.source = 'toy2d'
+  config.data.name = 'swiss_roll'  # swiss_roll | moons | s_curve
+  config.data.random_flip = False
+  config.model.architecture = 'mlp'
+  config.model.hidden = 128
+  config.model.num_layers = 4
+  config.diffusion.schedule = 'linear'
+  config.diffusion.num_timesteps = 1000
+  config.training.batch_size = 512
+  config.training.num_steps = 5000
+  config.training.learning_rate = 1e-3
+  config.training.warmup_steps = 100
+  config.training.lr_schedule = 'cosine'
+  config.training.grad_clip = 1.0
+  config.training.ema_decay = 0.999
+  config.training.log_every = 500
+  config.training.sample_every = 0
+  config.training.checkpoint_every = 2500
+  config.sampling.clip_x0 = False  # the data live in their own coordinates, not [-1, 1]
+  config.sampling.num_samples = 5000
+  config.sampling.batch_size = 5000
+  config.sampling.preview_samples = 1000
+  return config

@@ -1,0 +1,92 @@
+"""Orbax checkpoints of the TrainState: periodic async saves, auto-resume, any-topology restore.
+
+Checkpoints live in `<workdir>/checkpoints/<step>`. A state is restored against an abstract
+target (shapes, dtypes and the shardings of the *current* mesh), so a checkpoint written from
+4 devices, or from 2 processes, restores on 1 device, a Colab CPU included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def create_manager(workdir: str, *, max_to_keep: int = 3,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """An async CheckpointManager for `<workdir>/checkpoints` (every process must create it)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only,
+                                         enable_async_checkpointing=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Starts an asynchronous save of `state` at `step`; training goes on while it writes."""
+  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def abstract_like(state: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
+  """The restore target: shape/dtype structs of `state` (arrays or ShapeDtypeStructs) with
+  `sharding`, or each leaf's own sharding when `sharding` is None."""
+  def leaf(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=sharding if sharding is not None else x.sharding)
+  return jax.tree.map(leaf, state)
+
+
+def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None) -> Any:
+  """The state saved at `step` (default: the latest), laid out like the abstract `target`."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {manager.directory}; train first '
+                            '(python launch.py --mode=train ...) or point --workdir at a run.')
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f'no checkpoint for step {step} in {manager.directory}; '
+                            f'available: {list(manager.all_steps())}.')
+  return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def restore_or_keep(manager: ocp.CheckpointManager, state: Any) -> Any:
+  """Auto-resume: the latest checkpoint restored onto `state`'s layout, or `state` itself."""
+  if manager.latest_step() is None:
+    return state
+  return restore(manager, abstract_like(state))
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (and SIGINT when asked): the train loop saves and exits cleanly.
+
+  A context manager that restores the previous handlers on exit. Signal handlers can only be
+  installed from the main thread; elsewhere the flag only reacts to `set()`.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self._event = threading.Event()
+    self._signals = signals
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self._signals:
+        self._previous[sig] = signal.signal(sig, lambda *_: self._event.set())
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+  def set(self):
+    self._event.set()
+
+  def is_set(self) -> bool:
+    return self._event.is_set()

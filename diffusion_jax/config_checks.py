@@ -1,0 +1,69 @@
+"""Start-up validation of a config: every error names the field and how to fix it."""
+
+from __future__ import annotations
+
+from diffusion_jax import diffusion, input_pipeline, models, schedules
+
+SAMPLERS = ('ddpm', 'ddim')
+LR_SCHEDULES = ('constant', 'cosine')
+
+
+def _choice(value, choices, field: str):
+  if value not in choices:
+    raise ValueError(f'{field}={value!r} is unknown; choose one of {tuple(choices)}.')
+
+
+def validate(config, num_devices: int) -> None:
+  """Raises ValueError, naming the field, for the first bad value found."""
+  data, model, diff, train, samp = (config.data, config.model, config.diffusion,
+                                    config.training, config.sampling)
+  _choice(data.source, input_pipeline.SOURCES, 'data.source')
+  if data.source == 'toy2d':
+    _choice(data.name, input_pipeline.TOY_DATASETS, 'data.name')
+  _choice(model.architecture, models.ARCHITECTURES, 'model.architecture')
+  _choice(diff.schedule, schedules.SCHEDULES, 'diffusion.schedule')
+  _choice(diff.prediction_type, diffusion.PREDICTION_TYPES, 'diffusion.prediction_type')
+  _choice(diff.loss, diffusion.LOSS_TYPES, 'diffusion.loss')
+  _choice(train.lr_schedule, LR_SCHEDULES, 'training.lr_schedule')
+  _choice(samp.sampler, SAMPLERS, 'sampling.sampler')
+  if diff.num_timesteps < 2:
+    raise ValueError(f'diffusion.num_timesteps={diff.num_timesteps} must be at least 2.')
+  if samp.sampler == 'ddim' and not 1 <= samp.num_steps <= diff.num_timesteps:
+    raise ValueError(f'sampling.num_steps={samp.num_steps} must lie in '
+                     f'[1, diffusion.num_timesteps={diff.num_timesteps}].')
+
+  per_call = train.batch_size
+  if per_call <= 0 or per_call % num_devices:
+    raise ValueError(f'training.batch_size={per_call} (global) must be a positive multiple of '
+                     f'the {num_devices} devices; try --config.training.batch_size='
+                     f'{max(1, round(per_call / num_devices)) * num_devices}.')
+  if train.steps_per_call < 1:
+    raise ValueError(f'training.steps_per_call={train.steps_per_call} must be at least 1.')
+  for field in ('log_every', 'checkpoint_every'):
+    every = train[field]
+    if every < 1 or every % train.steps_per_call:
+      raise ValueError(f'training.{field}={every} must be a positive multiple of '
+                       f'training.steps_per_call={train.steps_per_call}.')
+  if not 0.0 <= train.ema_decay < 1.0:
+    raise ValueError(f'training.ema_decay={train.ema_decay} must lie in [0, 1).')
+
+  if model.architecture == 'unet':
+    if data.source == 'toy2d':
+      raise ValueError('data.source=toy2d needs model.architecture=mlp (the data are points).')
+    size, levels = data.image_size, len(model.channel_mult)
+    factor = 2 ** (levels - 1)
+    if size % factor:
+      raise ValueError(f'data.image_size={size} must be divisible by 2^(levels - 1) = {factor} '
+                       f'for model.channel_mult={tuple(model.channel_mult)}; choose an image '
+                       'size that is a multiple of it, or fewer levels.')
+    reached = {size // 2 ** i for i in range(levels)}
+    for res in model.attention_resolutions:
+      if res not in reached:
+        raise ValueError(f'model.attention_resolutions contains {res}, a resolution the network '
+                         f'never reaches (it works at {sorted(reached, reverse=True)}).')
+    widths = [model.channels * m for m in model.channel_mult]
+    if any(w % model.num_groups for w in widths):
+      raise ValueError(f'model.num_groups={model.num_groups} must divide every level width '
+                       f'{widths}.')
+  elif data.source != 'toy2d':
+    raise ValueError('model.architecture=mlp is for data.source=toy2d; use unet for images.')

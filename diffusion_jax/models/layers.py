@@ -1,0 +1,112 @@
+"""Building blocks of the DDPM/ADM U-Net: timestep embedding, ResBlock, attention, resampling.
+
+Activations are NHWC. Parameters are float32; `dtype` is the compute dtype (bf16 on GPU/TPU).
+Normalisation statistics are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+  """DDPM's sinusoidal embedding: [B] timesteps -> [B, dim], sin half then cos half."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+  # eps 1e-6 as in the DDPM reference; statistics in float32 for bf16 stability.
+  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+class ResBlock(nn.Module):
+  """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, + skip.
+
+  The time embedding is added to the features (DDPM) or applied as a scale and shift of the
+  second normalisation (`scale_shift=True`, as in ADM). A 1x1 conv projects the skip when the
+  widths differ. The last conv starts at zero, as in the DDPM reference, so that every block
+  begins as the identity.
+  """
+  out_channels: int
+  dropout: float = 0.0
+  scale_shift: bool = False
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, *, train: bool):
+    conv = lambda ch, k, name: nn.Conv(ch, (k, k), dtype=self.dtype, name=name)
+    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm1')(x))
+    h = conv(self.out_channels, 3, 'conv1')(h)
+    emb = nn.Dense(self.out_channels * (2 if self.scale_shift else 1), dtype=self.dtype,
+                   name='temb_proj')(nn.silu(temb))[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = group_norm(self.num_groups, self.dtype, 'norm2')(h) * (1 + scale) + shift
+    else:
+      h = group_norm(self.num_groups, self.dtype, 'norm2')(h + emb)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                name='conv2')(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, 1, 'skip')(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over the H*W positions, with a residual connection.
+
+  `head_dim` (if set) fixes the width of each head, else `num_heads` heads share the channels.
+  """
+  num_heads: int = 1
+  head_dim: int | None = None
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    heads = c // self.head_dim if self.head_dim else self.num_heads
+    if c % heads:
+      raise ValueError(f'model.attention heads: {heads} heads do not divide {c} channels.')
+    y = group_norm(self.num_groups, self.dtype, 'norm')(x).reshape(b, h * w, c)
+    qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, name='qkv')(y)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, HW, heads, head_dim]
+    y = jax.nn.dot_product_attention(q, k, v)
+    y = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                        name='proj_out')(y)
+    return x + y.reshape(b, h, w, c)
+
+
+class Downsample(nn.Module):
+  """Halves H and W with a stride-2 3x3 conv."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                   dtype=self.dtype, name='conv')(x)
+
+
+class Upsample(nn.Module):
+  """Doubles H and W: nearest-neighbour repeat, then a 3x3 conv."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name='conv')(x)

@@ -1,0 +1,297 @@
+"""Training: TrainState with EMA, the data-parallel train step, and the training loop.
+
+Importable from a notebook: `create_train_state`, `train_step` and `train_and_evaluate` are plain
+functions of a config. The train step is written per device (gradients averaged with
+`lax.pmean` over 'data') and mapped over every device with jit(shard_map).
+
+Random numbers: each example's timestep and noise come from the state key folded with the step
+and with the example's index in the global batch, so devices never share noise and the losses
+do not depend on how many devices share the batch. Dropout keys are folded with the device
+index (dropout masks therefore do depend on the device count).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffusion_jax import (checkpointing, config_checks, diffusion, images, input_pipeline,
+                           metric_logging, models, parallel, sampling, schedules)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jnp.ndarray  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jnp.ndarray  # uint32 [2]: the root key of all training noise
+
+
+class Task(NamedTuple):
+  """The experiment's moving parts, built from a config."""
+  model: Any  # flax module: (x, t, labels, train=) -> prediction
+  schedule: schedules.Schedule
+  tx: optax.GradientTransformation
+  learning_rate: optax.Schedule
+  info: input_pipeline.DataInfo
+
+
+def learning_rate_schedule(tc) -> optax.Schedule:
+  """Linear warm-up to training.learning_rate, then constant or cosine decay to 0."""
+  if tc.lr_schedule == 'cosine':
+    after = optax.cosine_decay_schedule(tc.learning_rate, max(tc.num_steps - tc.warmup_steps, 1))
+  else:
+    after = optax.constant_schedule(tc.learning_rate)
+  if not tc.warmup_steps:
+    return after
+  warmup = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
+  return optax.join_schedules([warmup, after], [tc.warmup_steps])
+
+
+def create_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with the config's betas, eps and weight decay, after global-norm clipping."""
+  lr = learning_rate_schedule(tc)
+  adamw = optax.adamw(lr, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay)
+  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip else adamw
+  return tx, lr
+
+
+def ema_decay(tc, step: jnp.ndarray) -> jnp.ndarray:
+  """The EMA decay at `step`: ramped as min(decay, (1 + step) / (10 + step)) if asked, because
+  at 0.9999 an un-ramped average is dominated by the random initialisation for ~10^4 steps."""
+  if not tc.ema_warmup:
+    return jnp.asarray(tc.ema_decay, jnp.float32)
+  step = step.astype(jnp.float32)
+  return jnp.minimum(tc.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def create_task(config) -> Task:
+  info = input_pipeline.data_info(config)
+  tx, lr = create_optimizer(config.training)
+  return Task(models.create_model(config.model, info.num_classes),
+              schedules.from_config(config.diffusion), tx, lr, info)
+
+
+def init_params(model, info: input_pipeline.DataInfo, rng: jnp.ndarray):
+  x = jnp.zeros((1,) + tuple(info.shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  labels = jnp.zeros((1,), jnp.int32) if info.num_classes else None
+  return model.init({'params': rng}, x, t, labels, train=False)['params']
+
+
+def create_train_state(config, task: Task, mesh=None) -> TrainState:
+  """A fresh TrainState, replicated over `mesh` when one is given.
+
+  Every process derives the same parameters from training.seed.
+  """
+  def init():
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.training.seed))
+    params = init_params(task.model, task.info, init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.tx.init(params),
+                      ema_params=params, rng=train_rng)
+  out = parallel.replicated(mesh) if mesh is not None else None
+  return jax.jit(init, out_shardings=out)()
+
+
+def abstract_train_state(config, task: Task, mesh) -> TrainState:
+  """Shapes and shardings of the TrainState, without allocating it (for restores)."""
+  shapes = jax.eval_shape(lambda: create_train_state(config, task))
+  return checkpointing.abstract_like(shapes, parallel.replicated(mesh))
+
+
+def _example_keys(step_key: jnp.ndarray, local_batch: int) -> jnp.ndarray:
+  """One key per example, folded with its index in the global batch: [local_batch, 2]."""
+  first = parallel.device_index() * local_batch
+  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(local_batch))
+
+
+def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[TrainState, dict]:
+  """One optimizer step, per device: loss and grads on this device's share, pmean over 'data'.
+
+  Args:
+    batch: {'x': float32 [b, ...] in [-1, 1] (points: [b, 2]), 'label': int32 [b]}, this
+      device's share of the global batch.
+  Returns:
+    The new state (replicated) and metrics {loss, grad_norm, learning_rate} (global means).
+  """
+  tc, dc = config.training, config.diffusion
+  x0 = batch['x']
+  b = x0.shape[0]
+  step_key = jax.random.fold_in(state.rng, state.step)
+  keys = _example_keys(step_key, b)
+  t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
+                                            dc.num_timesteps, jnp.int32))(keys)
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(keys)
+  labels = None
+  if task.info.num_classes:
+    drop = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2)))(keys)
+    labels = jnp.where(drop < tc.label_dropout, task.info.num_classes, batch['label'])
+  dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), parallel.device_index())
+
+  def loss_fn(params):
+    predict = lambda x_t, tt: task.model.apply({'params': params}, x_t, tt, labels, train=True,
+                                               rngs={'dropout': dropout_key})
+    per_example = diffusion.loss_per_example(
+        predict, task.schedule, x0, t, noise, prediction_type=dc.prediction_type,
+        loss_type=dc.loss, min_snr_gamma=dc.min_snr_gamma or None)
+    return jnp.mean(per_example)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grads = jax.lax.pmean(grads, parallel.AXIS)
+  loss = jax.lax.pmean(loss, parallel.AXIS)
+  updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(tc, state.step))
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+             'learning_rate': task.learning_rate(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       ema_params=ema), metrics
+
+
+def make_train_step(config, task: Task, mesh):
+  """The compiled data-parallel step: (state, global batch) -> (state, metrics).
+
+  With training.steps_per_call = k > 1 the batch carries a leading [k] axis and k steps run per
+  call as an unrolled lax.scan (a rolled loop is slow on CPU); metrics are those of the last.
+  """
+  step = functools.partial(train_step, task=task, config=config)
+  k = config.training.steps_per_call
+  if k == 1:
+    return parallel.data_parallel(step, mesh)
+
+  def multi_step(state, batches):
+    state, metrics = jax.lax.scan(step, state, batches, unroll=True)
+    return state, jax.tree.map(lambda m: m[-1], metrics)
+  return parallel.data_parallel(multi_step, mesh, leading_axes=1)
+
+
+# --- the training loop ---------------------------------------------------------------------------
+
+def _crossed(step: int, k: int, every: int) -> bool:
+  """Whether the k steps that ended at `step` crossed a multiple of `every`."""
+  return bool(every) and step // every != (step - k) // every
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+class _Progress:
+  """steps/s, images/s and ETA between two log points."""
+
+  def __init__(self, start_step: int, total: int, batch_size: int):
+    self.total, self.batch_size = total, batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def update(self, step: int) -> dict:
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    return {'steps_per_sec': rate, 'images_per_sec': rate * self.batch_size,
+            'eta_min': (self.total - step) / max(rate, 1e-9) / 60.0}
+
+
+def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
+  """Trains (resuming from `<workdir>/checkpoints` if there is one) and returns the state.
+
+  `writer` (default: TensorBoard + log on process 0) receives the metrics every log_every steps.
+
+  Writes metrics to stdout and TensorBoard, sample grids to `<workdir>/samples/`, checkpoints
+  every training.checkpoint_every steps, at the end and on SIGTERM. A non-finite loss stops
+  training before anything non-finite is saved.
+  """
+  mesh = parallel.create_mesh()
+  config_checks.validate(config, mesh.size)
+  tc = config.training
+  _write_config(config, workdir)
+  writer = writer or metric_logging.create_writer(workdir)
+  task = create_task(config)
+  manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints)
+  state = checkpointing.restore_or_keep(manager, create_train_state(config, task, mesh))
+  step = int(state.step)
+  if step:
+    logging.info('Resumed from the checkpoint at step %d.', step)
+  if step >= tc.num_steps:
+    logging.info('Nothing to do: step %d >= training.num_steps=%d.', step, tc.num_steps)
+    manager.close()
+    return state
+
+  batches = input_pipeline.create_iterator(config, mesh, start_step=step)
+  p_train_step = make_train_step(config, task, mesh)
+  preview = sampling.make_generate_fn(config, task, mesh, num_steps=config.sampling.preview_steps)
+  progress = _Progress(step, tc.num_steps, tc.batch_size)
+  k = tc.steps_per_call
+  pending = []  # device-side metrics since the last log: no host sync per step
+  last_finite_step = step
+
+  def check_finite():
+    nonlocal pending, last_finite_step
+    if not pending:
+      return
+    losses = np.asarray(jax.device_get([m['loss'] for m in pending]))
+    if not np.all(np.isfinite(losses)):
+      manager.wait_until_finished()
+      raise FloatingPointError(
+          f'non-finite loss at step {step}: training stopped. The last good checkpoint '
+          f'(step {manager.latest_step()}) is kept in {checkpointing.checkpoint_dir(workdir)}. '
+          'Lower training.learning_rate, enable training.grad_clip, or check the data.')
+    last_finite_step = step
+
+  with checkpointing.PreemptionFlag() as preempted:
+    while step < tc.num_steps:
+      state, metrics = p_train_step(state, next(batches))
+      step += k
+      pending.append(metrics)
+      last = step >= tc.num_steps
+      stop = preempted.is_set()
+      if jax.process_count() > 1 and _crossed(step, k, tc.log_every):
+        # Every process must agree to stop at the same step, or the collectives hang.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        stop = bool(multihost_utils.process_allgather(np.asarray(stop)).any())
+      elif jax.process_count() > 1:
+        stop = False
+      if _crossed(step, k, tc.log_every) or last or stop:
+        check_finite()
+        summary = {name: float(np.mean(jax.device_get([m[name] for m in pending])))
+                   for name in pending[0]}
+        summary.update(progress.update(step))
+        pending = []
+        writer.write_scalars(step, summary)
+        logging.info('step %d/%d  loss %.5f  %.2f steps/s  %.1f img/s  ETA %.1f min', step,
+                     tc.num_steps, summary['loss'], summary['steps_per_sec'],
+                     summary['images_per_sec'], summary['eta_min'])
+      if _crossed(step, k, tc.sample_every) or (last and tc.sample_every):
+        write_preview(config, preview, state.ema_params, step, workdir, writer)
+      if _crossed(step, k, tc.checkpoint_every) or last or stop:
+        check_finite()
+        checkpointing.save(manager, step, state)
+      if stop:
+        logging.info('Preempted: saved step %d, exiting.', step)
+        break
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+  return state
+
+
+def write_preview(config, generate, params, step: int, workdir: str, writer) -> None:
+  """A grid (images) or scatter (points) of EMA samples, to a PNG and TensorBoard."""
+  rng = jax.random.PRNGKey(config.sampling.seed)
+  x = generate(params, rng, config.sampling.preview_samples)
+  picture = sampling.picture(config, x)
+  if jax.process_index() == 0:
+    images.save_png(picture, os.path.join(workdir, 'samples', f'train_{step:08d}.png'))
+    writer.write_images(step, {'samples': picture[None]})

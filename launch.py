@@ -1,0 +1,71 @@
+"""Entry point: train, sample, evaluate or summarise a model described by a config file.
+
+  python launch.py --config=configs/digits.py --workdir=/tmp/digits
+  python launch.py --config=configs/flowers.py --workdir=/tmp/flowers --config.training.batch_size=64
+  python launch.py --config=configs/digits.py --workdir=/tmp/digits --mode=sample
+  python launch.py --config=configs/cifar10.py --mode=summary
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Config file (get_config()); every field can be '
+                                'overridden, e.g. --config.training.batch_size=64.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'summary'], 'What to do.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for multi-process runs started by hand.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
+flags.DEFINE_bool('distributed', False, 'Initialise jax.distributed from the environment '
+                  '(TPU pods, Slurm, Open MPI) without explicit addresses.')
+flags.mark_flags_as_required(['config'])
+FLAGS = flags.FLAGS
+
+
+def initialize_distributed() -> None:
+  """jax.distributed for multi-process runs; CPU processes talk through gloo."""
+  if FLAGS.coordinator_address or FLAGS.distributed:
+    if jax.config.jax_platforms in (None, '', 'cpu'):
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.info('process %d/%d, %d local and %d global devices (%s)', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Drops the INFO chatter of Orbax and TensorStore (every save logs dozens of lines)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Imported here so that --help and flag errors are instant.
+  from diffusion_jax import sampling, summary, train  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  if FLAGS.mode == 'summary':
+    summary.summarize(config)
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError(f'--mode={FLAGS.mode} needs --workdir.')
+  initialize_distributed()
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == 'sample':
+    sampling.sample(config, FLAGS.workdir)
+  else:
+    from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+    evaluation.evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

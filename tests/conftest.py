@@ -1,0 +1,74 @@
+"""Test settings: 4 forced CPU devices, a persistent compilation cache, tiny configs."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.get('JAX_COMPILATION_CACHE_DIR',
+                                 os.path.join(os.path.dirname(__file__), '..', '.jax_cache')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def tiny_image_config(source='digits', image_size=8, channels=1):
+  """A U-Net of 16 channels on 8x8 images: compiles and steps in about a second on CPU."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.data.source = source
+  config.data.name = 'digits'
+  config.data.image_size = image_size
+  config.data.channels = channels
+  config.data.random_flip = False
+  config.model.channels = 16
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = (4,)
+  config.model.num_groups = 8
+  config.model.dropout = 0.0
+  config.diffusion.num_timesteps = 100
+  config.training.batch_size = 8
+  config.training.num_steps = 4
+  config.training.warmup_steps = 2
+  config.training.log_every = 2
+  config.training.checkpoint_every = 2
+  config.training.sample_every = 0
+  config.sampling.num_steps = 5
+  config.sampling.preview_steps = 3
+  config.sampling.num_samples = 8
+  config.sampling.batch_size = 8
+  config.sampling.preview_samples = 4
+  return config
+
+
+def tiny_toy_config(name='swiss_roll'):
+  from configs import toy2d  # pylint: disable=g-import-not-at-top
+  config = toy2d.get_config()
+  config.data.name = name
+  config.data.num_points = 4096
+  config.model.hidden = 32
+  config.model.num_layers = 2
+  config.diffusion.num_timesteps = 100
+  config.training.batch_size = 64
+  config.training.num_steps = 4
+  config.training.warmup_steps = 2
+  config.training.log_every = 2
+  config.training.checkpoint_every = 2
+  config.sampling.num_steps = 10
+  config.sampling.num_samples = 64
+  config.sampling.batch_size = 64
+  return config
+
+
+@pytest.fixture
+def image_config():
+  return tiny_image_config()
+
+
+@pytest.fixture
+def toy_config():
+  return tiny_toy_config()

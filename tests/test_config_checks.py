@@ -1,0 +1,52 @@
+"""Bad config values fail at start-up with a message naming the field."""
+
+import pytest
+
+from diffusion_jax import config_checks
+from tests.conftest import tiny_image_config, tiny_toy_config
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('diffusion.schedule', 'exponential', 'diffusion.schedule'),
+    ('data.source', 'lmdb', 'data.source'),
+    ('diffusion.prediction_type', 'score', 'diffusion.prediction_type'),
+    ('diffusion.loss', 'huber', 'diffusion.loss'),
+    ('sampling.sampler', 'dpm', 'sampling.sampler'),
+    ('data.image_size', 9, 'data.image_size'),
+    ('training.batch_size', 6, 'training.batch_size'),
+    ('model.attention_resolutions', (16,), 'never reaches'),
+    ('model.num_groups', 7, 'model.num_groups'),
+    ('training.log_every', 3, 'training.log_every'),
+])
+def test_bad_value_names_its_field(field, value, match):
+  config = tiny_image_config()
+  group, name = field.split('.')
+  if field == 'training.log_every':
+    config.training.steps_per_call = 2
+  config[group][name] = value
+  with pytest.raises(ValueError, match=match):
+    config_checks.validate(config, num_devices=4)
+
+
+def test_good_configs_pass():
+  config_checks.validate(tiny_image_config(), num_devices=4)
+  config_checks.validate(tiny_toy_config(), num_devices=4)
+
+
+@pytest.mark.parametrize('name', ['default', 'flowers', 'flowers_keras', 'cifar10', 'digits',
+                                  'toy2d', 'bench'])
+def test_shipped_configs_are_valid(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_checks.validate(config, num_devices=1)
+
+
+def test_toy_data_need_the_mlp():
+  config = tiny_toy_config()
+  config.model.architecture = 'unet'
+  with pytest.raises(ValueError, match='model.architecture=mlp'):
+    config_checks.validate(config, num_devices=1)
+  config = tiny_toy_config()
+  config.data.name = 'spiral'
+  with pytest.raises(ValueError, match='data.name'):
+    config_checks.validate(config, num_devices=1)

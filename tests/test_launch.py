@@ -1,0 +1,73 @@
+"""End to end through launch.py, as a user runs it (subprocesses)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_image_config, tiny_toy_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(*args, devices=1, timeout=600):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, 'launch.py', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return proc.stdout + proc.stderr
+
+
+def overrides(config, prefix=''):
+  """--config.x.y=v flags that turn a shipped config into the given tiny one."""
+  flags = []
+  for group in ('data', 'model', 'diffusion', 'training', 'sampling'):
+    for key, value in config[group].items():
+      if isinstance(value, tuple):
+        value = '(' + ','.join(str(v) for v in value) + (',)' if len(value) == 1 else ')')
+      flags.append(f'--config.{group}.{key}={value}')
+  return flags
+
+
+def test_summary_prints_the_ddpm_parameter_count():
+  out = launch('--mode=summary', '--config=configs/cifar10.py',
+               '--config.training.batch_size=2')
+  assert 'params: 35746307' in out
+  assert 'FLOPs per image' in out
+
+
+def test_train_then_sample_digits(tmp_path):
+  workdir = str(tmp_path)
+  flags = ['--config=configs/digits.py', f'--workdir={workdir}'] + overrides(
+      tiny_image_config())
+  launch(*flags, devices=2)
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+  launch(*flags, '--mode=sample', '--config.sampling.num_samples=6',
+         '--config.sampling.trajectory=True', devices=2)
+  with np.load(os.path.join(workdir, 'samples', 'samples.npz')) as f:
+    assert f['images'].shape == (6, 8, 8, 1) and f['images'].dtype == np.uint8
+  for name in ('grid.png', 'trajectory.png'):
+    assert os.path.getsize(os.path.join(workdir, 'samples', name)) > 0
+  # Sampling again keeps the earlier files.
+  launch(*flags, '--mode=sample', '--config.sampling.num_samples=4', devices=2)
+  assert os.path.exists(os.path.join(workdir, 'samples', 'samples.1.npz'))
+
+
+def test_train_then_sample_toy2d(tmp_path):
+  workdir = str(tmp_path)
+  flags = ['--config=configs/toy2d.py', f'--workdir={workdir}'] + overrides(tiny_toy_config())
+  launch(*flags)
+  launch(*flags, '--mode=sample', '--config.sampling.sampler=ddpm')
+  with np.load(os.path.join(workdir, 'samples', 'samples.npz')) as f:
+    assert f['points'].shape == (64, 2) and f['points'].dtype == np.float32
+
+
+def test_sample_without_checkpoint_says_so(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, 'launch.py', '--config=configs/toy2d.py',
+                         f'--workdir={tmp_path}', '--mode=sample'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode != 0 and 'no checkpoint' in proc.stderr
