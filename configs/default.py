@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.eta = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
   sampling.spacing = 'uniform'  # DDIM timesteps: uniform | quadratic
   sampling.variance = 'small'  # DDPM: small (posterior) | large (beta)
-  sampling.clip_x0 = True  # clip predicted x0 to [-1, 1] (images)
+  sampling.clip_x0 = 1.0  # clip predicted x0 to [-c, c] (1: images in [-1, 1]; 0: no clipping)
   sampling.guidance_scale = 1.0  # classifier-free guidance (1: plain conditional)
   sampling.label = -1  # class of the samples (-1: cycle through the classes)
   sampling.num_samples = 64  # --mode=sample: how many to generate
@@ -93,5 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   ev.num_reference = 10_000  # data images used for reference statistics
   ev.bpd_num_examples = 0  # held-out images for bits/dim (0: skip)
   ev.bpd_batch_size = 16  # batch for bits/dim (T network calls per batch)
+  ev.inception_batch_size = 200  # images per Inception-v3 call (split over the local devices)
+  ev.kid_subset_size = 1000  # KID: rows per random subset (capped at the sample count)
+  ev.kid_num_subsets = 100  # KID: random subsets averaged
 
   return config

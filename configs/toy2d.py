@@ -27,7 +27,7 @@ def get_config():
   config.training.log_every = 500
   config.training.sample_every = 0
   config.training.checkpoint_every = 2500
-  config.sampling.clip_x0 = False  # the data live in their own coordinates, not [-1, 1]
+  config.sampling.clip_x0 = 2.0  # the data live in their own coordinates, within [-1.6, 1.6]
   config.sampling.num_samples = 5000
   config.sampling.batch_size = 5000
   config.sampling.preview_samples = 1000

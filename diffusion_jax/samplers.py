@@ -88,11 +88,13 @@ def ddim_steps(schedule: Schedule, num_steps: int, eta: float = 0.0,
 
 
 def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Array, rng: Array,
-                *, clip_x0: bool = True, return_trajectory: bool = False):
+                *, clip_x0: bool | float = True, return_trajectory: bool = False):
   """Runs a reverse chain as one lax.scan.
 
   Args:
     x_T: the starting noise [B, ...].
+    clip_x0: clip each x0_hat to [-1, 1] (True, for images in [-1, 1]), to [-c, c] (a number
+      c, e.g. for 2-D data in their own coordinates), or not at all (False / 0).
   Returns:
     x_0 [B, ...], or (x_0, trajectory [S + 1, B, ...] from x_T to x_0) when asked.
   """
@@ -107,7 +109,8 @@ def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Arr
     eps = eps_fn(x, t_vec).astype(jnp.float32)
     x0 = (x - schedule.sqrt_one_minus_alphas_cumprod[t] * eps) / schedule.sqrt_alphas_cumprod[t]
     if clip_x0:
-      x0 = jnp.clip(x0, -1.0, 1.0)
+      bound = 1.0 if clip_x0 is True else float(clip_x0)
+      x0 = jnp.clip(x0, -bound, bound)
     z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
     x = (c_x0 * x0 + c_xt * x + sigma * z).astype(dtype)
     return x, (x if return_trajectory else None)
@@ -119,14 +122,14 @@ def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Arr
 
 
 def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, *,
-                clip_x0: bool = True, variance: str = 'small', return_trajectory: bool = False):
+                clip_x0: bool | float = True, variance: str = 'small', return_trajectory: bool = False):
   """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2)."""
   return run_reverse(eps_fn, schedule, ddpm_steps(schedule, variance), x_T, rng,
                      clip_x0=clip_x0, return_trajectory=return_trajectory)
 
 
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, *, num_steps: int,
-                eta: float = 0.0, spacing: str = 'uniform', clip_x0: bool = True,
+                eta: float = 0.0, spacing: str = 'uniform', clip_x0: bool | float = True,
                 return_trajectory: bool = False):
   """DDIM (Song et al. 2020) over `num_steps` timesteps; eta=0 is deterministic given x_T."""
   return run_reverse(eps_fn, schedule, ddim_steps(schedule, num_steps, eta, spacing), x_T, rng,

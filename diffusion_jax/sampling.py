@@ -89,7 +89,8 @@ def picture(config, x: np.ndarray) -> np.ndarray:
   """uint8 [H, W, C]: a scatter plot of points, or a grid of images (small ones enlarged)."""
   if config.data.source == 'toy2d':
     return images.scatter(x)
-  return images.make_grid(images.to_uint8(x), scale=max(1, 64 // config.data.image_size))
+  scale = max(1, 64 // config.data.image_size)
+  return images.make_grid(images.to_uint8(x), scale=scale, pad=max(1, scale // 2))
 
 
 def trajectory_strip(config, traj: np.ndarray, num_frames: int = 10) -> np.ndarray:
