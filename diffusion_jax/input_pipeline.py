@@ -138,26 +138,32 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 
 def numpy_batches(x: np.ndarray, labels: Optional[np.ndarray], batch_size: int, *, seed: int,
-                  random_flip: bool, start_step: int = 0) -> Iterator[dict]:
-  """Endless host-local batches; batch i is a pure function of (seed, i).
+                  random_flip: bool, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """Endless batches; global batch i (of `batch_size`) is a pure function of (seed, i).
 
-  Each epoch is a fresh permutation; the remainder of an epoch is dropped.
+  Every process holds all of `x` and yields its contiguous block of `batch_size //
+  process_count` rows of each global batch, so the global batches, and hence the losses, are
+  the same however many processes share them. Each epoch is a fresh permutation; the remainder
+  of an epoch is dropped.
   """
   n = len(x)
   if n < batch_size:
-    raise ValueError(f'the data set has {n} examples on this host, fewer than the per-host '
-                     f'batch of {batch_size}; lower training.batch_size.')
+    raise ValueError(f'the data set has {n} examples, fewer than the global batch of '
+                     f'{batch_size}; lower training.batch_size.')
   per_epoch = n // batch_size
+  local = batch_size // process_count
+  mine = slice(process_index * local, (process_index + 1) * local)
   labels = np.zeros(n, np.int32) if labels is None else labels
   step = start_step
   while True:
     epoch, offset = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    idx = order[offset * batch_size:(offset + 1) * batch_size]
+    idx = order[offset * batch_size:(offset + 1) * batch_size][mine]
     xb = x[idx]
     if xb.dtype == np.uint8:
       if random_flip:
-        flip = np.random.default_rng([seed, epoch, offset, 1]).random(batch_size) < 0.5
+        flip = np.random.default_rng([seed, epoch, offset, 1]).random(batch_size)[mine] < 0.5
         xb = np.where(flip[:, None, None, None], xb[:, :, ::-1], xb)
       xb = to_model_range(xb)
     yield {'x': xb, 'label': labels[idx]}
@@ -281,11 +287,14 @@ def host_batches(config, batch_size: int, *, start_step: int = 0) -> Iterator[di
   if source in ('tfds', 'folder'):
     ds = tf_dataset(config, batch_size, splits=config.data.splits, train=True)
     return ds.as_numpy_iterator()
+  # In-memory data are small: every process holds all of it and takes its block of each global
+  # batch. The block is process_index-th because the mesh orders devices as jax.devices() does,
+  # process by process, so that is the block make_array_from_process_local_data places here.
   x, labels = load_in_memory(config)
-  share = slice(jax.process_index(), None, jax.process_count())
-  return numpy_batches(x[share], None if labels is None else labels[share], batch_size,
-                       seed=config.training.seed * 1000 + jax.process_index(),
-                       random_flip=config.data.random_flip, start_step=start_step)
+  return numpy_batches(x, labels, batch_size * jax.process_count(),
+                       seed=config.training.seed * 1000, random_flip=config.data.random_flip,
+                       start_step=start_step, process_index=jax.process_index(),
+                       process_count=jax.process_count())
 
 
 def device_prefetch(batches: Iterator[dict], size: int) -> Iterator:
