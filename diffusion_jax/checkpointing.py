@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 
 
 def checkpoint_dir(workdir: str) -> str:
+  if '://' in workdir:  # gs://bucket/run: abspath would turn it into a local path
+    return workdir.rstrip('/') + '/checkpoints'
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 

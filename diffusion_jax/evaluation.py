@@ -1,0 +1,328 @@
+"""`--mode=eval`: FID and KID of EMA samples against the data set, and bits/dim on held-out data.
+
+  python launch.py --config=configs/flowers.py --workdir=/tmp/flowers --mode=eval \
+    --config.eval.inception_path=/path/to/pt_inception-2015-12-05-6726825d.pth
+
+FID/KID: eval.num_samples samples from the configured sampler are rounded to uint8 and back (as
+pytorch-fid sees saved PNGs), grayscale is repeated to 3 channels, and the Inception-v3 pool3
+features are compared with those of eval.num_reference training images. The data-set statistics
+are read from eval.reference_stats if given (then KID, which needs the features themselves, is
+skipped), else computed once and cached in `<workdir>/eval/`.
+Bits/dim: the full variational bound (one network call per timestep) on eval.bpd_num_examples
+held-out images: data.eval_splits for TFDS, the last examples of an in-memory source.
+
+Results go to `<workdir>/eval/results.json` and, as one record, to `<workdir>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Iterator
+
+from absl import logging
+import jax
+import numpy as np
+
+from diffusion_jax import (config_checks, diffusion, evaluation_metrics, images, input_pipeline,
+                           metric_logging, parallel, sampling)
+from diffusion_jax.models import inception
+
+REFERENCE_STATS = 'reference_stats.npz'  # mu, sigma: pytorch-fid's statistics format
+REFERENCE_FEATURES = 'reference_features.npy'  # float32 [N, 2048], for KID
+REFERENCE_META = 'reference_meta.json'  # what the cache was computed from
+
+
+def _missing_weights_error() -> ValueError:
+  return ValueError(
+      'FID/KID need the FID Inception-v3 weights: set --config.eval.inception_path to '
+      f'pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth ({inception.FID_WEIGHTS_URL}; nothing '
+      'is downloaded at run time) or to a .npz converted from it with `python -m '
+      'diffusion_jax.models.inception --convert <in.pth> <out.npz>`. For bits/dim alone, set '
+      '--config.eval.bpd_num_examples=N instead.')
+
+
+# --- Inception features ----------------------------------------------------------------------
+
+def to_inception_input(x: np.ndarray) -> np.ndarray:
+  """float [N, H, W, C] in [-1, 1] (C = 1 or 3) -> float32 [N, H, W, 3] in [-1, 1].
+
+  Rounds to uint8 and back first, so the network sees exactly what pytorch-fid reads from
+  saved PNGs; grayscale is repeated to 3 channels, as PIL's convert('RGB') does.
+  """
+  x = input_pipeline.to_model_range(images.to_uint8(x))
+  if x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
+  return x
+
+
+def make_features_fn(inception_params, batch_size: int) -> Callable[[Iterator[np.ndarray]],
+                                                                     np.ndarray]:
+  """features(chunks) -> float64 [N, 2048] for an iterable of float [n, H, W, C] in [-1, 1].
+
+  Every call runs in batches of `batch_size` rounded up to a multiple of this process's device
+  count, split over those devices; the last batch is padded, so one shape compiles once.
+  """
+  local = parallel.create_mesh(jax.local_devices())
+  batch = -(-batch_size // local.size) * local.size
+  sharding = parallel.batch_sharding(local)
+  feature_fn = inception.make_feature_fn(inception_params)
+
+  def run(x: np.ndarray) -> np.ndarray:
+    n = len(x)
+    padded = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)]) if n < batch else x
+    return np.asarray(feature_fn(jax.device_put(padded, sharding)), np.float64)[:n]
+
+  def features(chunks) -> np.ndarray:
+    out, pending = [], []
+    for chunk in chunks:
+      pending.append(to_inception_input(chunk))
+      while sum(map(len, pending)) >= batch:
+        joined = np.concatenate(pending)
+        out.append(run(joined[:batch]))
+        pending = [joined[batch:]]
+    leftover = np.concatenate(pending) if pending else np.zeros((0,))
+    if len(leftover):
+      out.append(run(leftover))
+    if not out:
+      raise ValueError('no images to compute Inception features of.')
+    return np.concatenate(out)
+
+  return features
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def _tf_images(config, splits: str, count: int, batch_size: int = 100) -> Iterator[np.ndarray]:
+  """The first `count` images of this host's share of a TFDS/folder source, in order:
+  float32 [n, S, S, C] in [-1, 1] chunks (with their labels)."""
+  ds = input_pipeline.tf_dataset(config, batch_size, splits=splits, train=False)
+  seen = 0
+  for batch in ds.as_numpy_iterator():
+    take = min(len(batch['x']), count - seen)
+    yield batch['x'][:take], batch['label'][:take]
+    seen += take
+    if seen >= count:
+      return
+  if seen < count:
+    raise ValueError(f'the data set ({splits!r}) has only {seen} images on this host, fewer than '
+                     f'the {count} asked for; lower --config.eval.num_reference or '
+                     '--config.eval.bpd_num_examples.')
+
+
+def _host_share(x: np.ndarray) -> np.ndarray:
+  return x[jax.process_index()::jax.process_count()]
+
+
+def reference_images(config, count: int) -> Iterator[np.ndarray]:
+  """This host's share of the first `count` training images: float32 chunks in [-1, 1]."""
+  if config.data.source in ('tfds', 'folder'):
+    for x, _ in _tf_images(config, config.data.splits, count // jax.process_count()):
+      yield x
+    return
+  x, _ = input_pipeline.load_in_memory(config)
+  if len(x) < count:
+    raise ValueError(f'eval.num_reference={count} but the {config.data.source} data set has '
+                     f'{len(x)} images; set --config.eval.num_reference={len(x)}.')
+  x = _host_share(x[:count])
+  for i in range(0, len(x), 500):
+    yield input_pipeline.to_model_range(x[i:i + 500])
+
+
+def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """This host's share of `count` held-out images (float32 in [-1, 1]) and int32 labels.
+
+  TFDS: data.eval_splits. In-memory sources: the last `count` examples (trained on as well:
+  these sources have no held-out split). Folder: the first `count` images of data.path.
+  """
+  source = config.data.source
+  if source in ('tfds', 'folder'):
+    if source == 'folder':
+      logging.info('data.source=folder has no held-out split: bits/dim uses the first %d images '
+                   'of data.path, which training saw.', count)
+    chunks = list(_tf_images(config, config.data.eval_splits if source == 'tfds' else '',
+                             count // jax.process_count()))
+    return (np.concatenate([c[0] for c in chunks]),
+            np.concatenate([c[1] for c in chunks]).astype(np.int32))
+  x, labels = input_pipeline.load_in_memory(config)
+  if len(x) < count:
+    raise ValueError(f'eval.bpd_num_examples={count} but the {source} data set has {len(x)} '
+                     f'images; set --config.eval.bpd_num_examples={len(x)}.')
+  labels = np.zeros(len(x), np.int32) if labels is None else labels
+  return (input_pipeline.to_model_range(_host_share(x[-count:])),
+          _host_share(labels[-count:]))
+
+
+def _gather(features: np.ndarray) -> np.ndarray:
+  """Every process's rows, concatenated (each process holds its share of the data set)."""
+  if jax.process_count() == 1:
+    return features
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(features, tiled=True))
+
+
+def _reference_meta(config) -> dict:
+  d = config.data
+  return {'source': d.source, 'name': d.name, 'path': d.path, 'splits': d.splits,
+          'image_size': d.image_size, 'channels': d.channels,
+          'num_reference': config.eval.num_reference}
+
+
+def reference_statistics(config, workdir: str, features_fn) -> tuple:
+  """(mu [D], sigma [D, D], features [N, D] or None) of the data set.
+
+  From eval.reference_stats when set (features None: KID is then skipped); else from the cache
+  in `<workdir>/eval/` if it was computed from the same data, else computed and cached.
+  """
+  if config.eval.reference_stats:
+    mu, sigma = evaluation_metrics.load_statistics(config.eval.reference_stats)
+    return mu, sigma, None
+  out_dir = os.path.join(workdir, 'eval')
+  meta_path = os.path.join(out_dir, REFERENCE_META)
+  paths = [os.path.join(out_dir, name) for name in (REFERENCE_STATS, REFERENCE_FEATURES)]
+  meta = _reference_meta(config)
+  if all(os.path.exists(p) for p in paths + [meta_path]):
+    with open(meta_path) as f:
+      if json.load(f) == meta:
+        logging.info('Reference statistics from the cache in %s.', out_dir)
+        mu, sigma = evaluation_metrics.load_statistics(paths[0])
+        return mu, sigma, np.load(paths[1]).astype(np.float64)
+  start = time.perf_counter()
+  feats = _gather(features_fn(reference_images(config, config.eval.num_reference)))
+  mu, sigma = evaluation_metrics.feature_statistics(feats)
+  logging.info('Reference statistics of %d images in %.1f s.', len(feats),
+               time.perf_counter() - start)
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    evaluation_metrics.save_statistics(paths[0], mu, sigma)
+    np.save(paths[1], feats.astype(np.float32))
+    with open(meta_path, 'w') as f:
+      json.dump(meta, f, indent=2)
+  return mu, sigma, feats
+
+
+def sample_quality(config, task, mesh, params, workdir: str) -> dict:
+  """FID (and KID when the reference features are known) of eval.num_samples samples."""
+  ev = config.eval
+  inception_params = inception.load_inception_params(ev.inception_path)
+  features_fn = make_features_fn(inception_params, ev.inception_batch_size)
+  mu_ref, sigma_ref, ref_features = reference_statistics(config, workdir, features_fn)
+
+  generate = sampling.make_generate_fn(config, task, mesh)
+  start = time.perf_counter()
+  # Every process generates (the sampler is one program over all devices) and gets all samples.
+  x = generate(params, jax.random.PRNGKey(config.sampling.seed), ev.num_samples,
+               log_progress=True)
+  sample_seconds = time.perf_counter() - start
+  feats = features_fn(x[i:i + 500] for i in range(0, len(x), 500))
+  mu, sigma = evaluation_metrics.feature_statistics(feats)
+  out = {'fid': evaluation_metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref),
+         'sample_seconds': sample_seconds}
+  if ref_features is None:
+    logging.info('eval.reference_stats holds statistics only: KID, which needs the reference '
+                 'features, is skipped.')
+  else:
+    out['kid'], out['kid_std'] = evaluation_metrics.kid(
+        feats, ref_features, num_subsets=ev.kid_num_subsets, subset_size=ev.kid_subset_size,
+        rng=config.sampling.seed)
+  return out
+
+
+# --- bits/dim --------------------------------------------------------------------------------
+
+def make_bpd_fn(config, task, mesh) -> Callable:
+  """bpd(params, x0 [B, H, W, C] sharded on B, labels [B], rng) -> float32 [B] bits/dim.
+
+  The conditional network with the true labels (guidance is a sampling device, not part of the
+  likelihood); the model's variance is sampling.variance, as the DDPM sampler uses.
+  """
+  def bpd(params, x0, labels, rng):
+    lab = labels if task.info.num_classes else None
+    predict = lambda x_t, t: task.model.apply({'params': params}, x_t, t, lab, train=False)
+    eps_fn = diffusion.eps_fn_from(predict, task.schedule, config.diffusion.prediction_type)
+    return diffusion.bits_per_dim(eps_fn, task.schedule, x0, rng,
+                                  variance=config.sampling.variance)
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(bpd, in_shardings=(rep, shard, shard, rep), out_shardings=rep)
+
+
+def bits_per_dim(config, task, mesh, params) -> float:
+  """Mean bits/dim over eval.bpd_num_examples held-out images."""
+  ev = config.eval
+  x, labels = held_out_images(config, ev.bpd_num_examples)
+  per_host = -(-min(ev.bpd_batch_size, ev.bpd_num_examples) // mesh.size) * mesh.size
+  per_host //= jax.process_count()
+  sharding = parallel.batch_sharding(mesh)
+  bpd_fn = make_bpd_fn(config, task, mesh)
+  rng = jax.random.PRNGKey(config.sampling.seed)
+  values, start = [], time.perf_counter()
+  for i in range(0, len(x), per_host):
+    xb, lb = x[i:i + per_host], labels[i:i + per_host]
+    n = len(xb)
+    if n < per_host:  # pad with copies, so one shape compiles once; dropped below
+      xb = np.concatenate([xb, np.repeat(xb[-1:], per_host - n, axis=0)])
+      lb = np.concatenate([lb, np.repeat(lb[-1:], per_host - n, axis=0)])
+    batch = parallel.host_to_global({'x': xb, 'label': lb}, sharding)
+    out = np.asarray(jax.device_get(bpd_fn(params, batch['x'], batch['label'],
+                                           jax.random.fold_in(rng, i))))
+    # The global result concatenates every host's rows; this host's real ones come first in
+    # its block, and each host pads the same way, so take every block's first n.
+    values.append(out.reshape(jax.process_count(), per_host)[:, :n].ravel())
+    logging.info('bits/dim batch %d/%d, %.1f s elapsed', i // per_host + 1,
+                 -(-len(x) // per_host), time.perf_counter() - start)
+  values = np.concatenate(values)
+  if not np.all(np.isfinite(values)):
+    raise FloatingPointError('bits/dim is not finite; is the checkpoint healthy?')
+  return float(values.mean())
+
+
+# --- --mode=eval -----------------------------------------------------------------------------
+
+def evaluate(config, workdir: str) -> dict:
+  """--mode=eval: FID/KID (with eval.inception_path) and bits/dim (with eval.bpd_num_examples).
+
+  Returns the results, also written to `<workdir>/eval/results.json` and metrics.jsonl.
+  """
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top  (train imports us)
+  ev = config.eval
+  if config.data.source == 'toy2d':
+    raise ValueError('--mode=eval measures images (FID, bits/dim of 8-bit data); data.source='
+                     'toy2d has points. Look at the samples instead (--mode=sample).')
+  want_fid, want_bpd = bool(ev.inception_path), ev.bpd_num_examples > 0
+  if not want_fid and not want_bpd:
+    raise _missing_weights_error()
+  if not want_fid:
+    logging.info('eval.inception_path is empty: FID/KID skipped, bits/dim only.')
+  if want_fid and not os.path.exists(ev.inception_path):
+    raise FileNotFoundError(f'eval.inception_path={ev.inception_path!r} does not exist. '
+                            f'{_missing_weights_error()}')
+  mesh = parallel.create_mesh()
+  config_checks.validate(config, mesh.size)
+  task = train.create_task(config)
+  ckpt = config.sampling.checkpoint_step
+  params, step = sampling.restore_ema_params(config, task, mesh, workdir,
+                                             None if ckpt < 0 else ckpt)
+  results = {'step': step}
+  if want_fid:
+    results.update(sample_quality(config, task, mesh, params, workdir))
+    results.update(num_samples=ev.num_samples, num_reference=ev.num_reference)
+  if want_bpd:
+    start = time.perf_counter()
+    results['bits_per_dim'] = bits_per_dim(config, task, mesh, params)
+    results['bpd_seconds'] = time.perf_counter() - start
+    results['bpd_num_examples'] = ev.bpd_num_examples
+  logging.info('eval at step %d: %s', step, ', '.join(
+      f'{k}={v:.6g}' for k, v in results.items() if k != 'step'))
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, 'eval')
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, 'results.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, 'results.json'))
+    writer = metric_logging.create_writer(workdir)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items() if k != 'step'})
+    writer.flush()
+    writer.close()
+  return results

@@ -1,0 +1,98 @@
+"""--mode=eval on a tiny digits run: FID/KID with random Inception weights, bits/dim, errors.
+
+Random weights make the FID value meaningless but exercise every step: sampling, the uint8
+round trip, grayscale to RGB, features, reference statistics and their cache, FID and KID.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from diffusion_jax import evaluation, evaluation_metrics, metric_logging, train
+from diffusion_jax.models import inception
+from tests.conftest import tiny_image_config
+from tests.test_train import ListWriter
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """(config, workdir) of a digits U-Net trained for 2 steps."""
+  workdir = str(tmp_path_factory.mktemp('eval_run'))
+  config = tiny_image_config()
+  config.training.num_steps = 2
+  train.train_and_evaluate(config, workdir, writer=ListWriter())
+  return config, workdir
+
+
+@pytest.fixture(scope='module')
+def inception_npz(tmp_path_factory):
+  """Random FID Inception weights (lecun-normal kernels, as flax's init) saved as a .npz."""
+  rng = np.random.default_rng(0)
+  flat = {k: (np.zeros(s, np.float32) if k.endswith('bias') else
+              (rng.normal(size=s) / np.sqrt(np.prod(s[:-1]))).astype(np.float32))
+          for k, s in inception.flax_param_shapes().items()}
+  path = str(tmp_path_factory.mktemp('inception') / 'inception.npz')
+  inception.save_params_npz(path, traverse_util.unflatten_dict(flat, sep='/'))
+  return path
+
+
+def test_fid_kid_and_bits_per_dim(trained, inception_npz, monkeypatch):
+  # scipy's sqrtm of a singular 2048 x 2048 product takes over a minute on a 2-core CPU, twice
+  # (pytorch-fid retries with a diagonal offset). FID's numerics are tested in
+  # test_evaluation_metrics; this test is about what feeds it, so a cheap stand-in will do.
+  monkeypatch.setattr(evaluation_metrics, '_sqrtm',
+                      lambda a: np.diag(np.sqrt(np.abs(np.diagonal(a)))))
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.inception_path = inception_npz
+  config.eval.num_samples = 8
+  config.eval.num_reference = 8
+  config.eval.inception_batch_size = 8
+  config.eval.kid_subset_size = 8
+  config.eval.kid_num_subsets = 5
+  config.eval.bpd_num_examples = 4
+  config.eval.bpd_batch_size = 4
+  results = evaluation.evaluate(config, workdir)
+
+  with open(os.path.join(workdir, 'eval', 'results.json')) as f:
+    saved = json.load(f)
+  assert saved['step'] == 2
+  assert np.isfinite(saved['fid'])
+  assert np.isfinite(saved['kid']) and np.isfinite(saved['kid_std'])
+  assert np.isfinite(saved['bits_per_dim']) and saved['bits_per_dim'] > 0
+  assert saved['fid'] == pytest.approx(results['fid'])
+  assert os.path.exists(os.path.join(workdir, 'eval', evaluation.REFERENCE_STATS))
+  record = metric_logging.read_metrics(workdir)[-1]
+  assert record['step'] == 2 and record['eval/fid'] == pytest.approx(saved['fid'])
+
+
+def test_bits_per_dim_alone_needs_no_inception_weights(trained):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.bpd_num_examples = 4
+  config.eval.bpd_batch_size = 4
+  results = evaluation.evaluate(config, workdir)
+  assert 'fid' not in results
+  assert np.isfinite(results['bits_per_dim']) and results['bits_per_dim'] > 0
+
+
+def test_missing_weights_name_the_setting(trained, tmp_path):
+  config, workdir = trained
+  with pytest.raises(ValueError, match='--config.eval.inception_path') as info:
+    evaluation.evaluate(config, workdir)
+  assert inception.FID_WEIGHTS_URL in str(info.value)
+  config = config.copy_and_resolve_references()
+  config.eval.inception_path = str(tmp_path / 'nowhere.pth')
+  with pytest.raises(FileNotFoundError, match='--config.eval.inception_path'):
+    evaluation.evaluate(config, workdir)
+
+
+def test_grayscale_goes_through_uint8_to_rgb():
+  x = np.linspace(-1, 1, 2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.float32)
+  y = evaluation.to_inception_input(x)
+  assert y.shape == (2, 4, 4, 3) and y.dtype == np.float32
+  np.testing.assert_array_equal(y[..., 0], y[..., 2])
+  np.testing.assert_allclose((y + 1) * 127.5, np.round((y + 1) * 127.5), atol=1e-4)
