@@ -6,11 +6,18 @@
   python launch.py --config=configs/cifar10.py --mode=summary
 """
 
+from diffusion_jax import cpu_env
+
+if __name__ == '__main__':
+  cpu_env.reexec_with_cpu_settings()  # on CPU: malloc settings and XLA flags, before JAX loads
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 config_flags.DEFINE_config_file('config', None, 'Config file (get_config()); every field can be '
                                 'overridden, e.g. --config.training.batch_size=64.',

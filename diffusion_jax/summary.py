@@ -32,10 +32,12 @@ def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
                                                  isinstance(mdl, (ResBlock, AttentionBlock))))
     return state['intermediates']
 
-  tree = jax.eval_shape(run, x, t, labels)
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [('/'.join(str(getattr(k, 'key', k)) for k in path[:-2]), leaf.shape)
-          for path, leaf in flat]
+  def walk(node, path):
+    # Flax records intermediates in call order; tree_flatten would sort them by name.
+    if isinstance(node, tuple):  # the captured outputs of one module
+      return [('/'.join(path[:-1]), node[0].shape)]
+    return [row for key, child in node.items() for row in walk(child, path + [key])]
+  return walk(jax.eval_shape(run, x, t, labels), [])
 
 
 def train_step_flops(config, task, mesh) -> float:
@@ -49,9 +51,14 @@ def train_step_flops(config, task, mesh) -> float:
                                      sharding=sharding),
            'label': jax.ShapeDtypeStruct(lead + (b,), jnp.int32, sharding=sharding)}
   compiled = train.make_train_step(config, task, mesh).lower(state, batch).compile()
+  return compiled_flops(compiled, mesh.size) / k
+
+
+def compiled_flops(compiled, num_devices: int = 1) -> float:
+  """XLA's FLOP count of a compiled per-device program, times the devices that run it."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0)) * mesh.size / k
+  return float(cost.get('flops', 0.0)) * num_devices
 
 
 def summarize(config) -> dict:

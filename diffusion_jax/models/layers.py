@@ -10,8 +10,9 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from diffusion_jax.models.attention import attention
 
 Dtype = Any
 
@@ -86,7 +87,7 @@ class AttentionBlock(nn.Module):
     y = group_norm(self.num_groups, self.dtype, 'norm')(x).reshape(b, h * w, c)
     qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, name='qkv')(y)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, HW, heads, head_dim]
-    y = jax.nn.dot_product_attention(q, k, v)
+    y = attention(q, k, v)
     y = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                         name='proj_out')(y)
     return x + y.reshape(b, h, w, c)
