@@ -1,0 +1,78 @@
+"""Scaled dot-product attention, with a memory-lean custom-VJP version for narrow heads on CPU.
+
+`attention(q, k, v)` is softmax(q k^T / sqrt(d)) v over [B, L, heads, d] arrays. On CPU with
+narrow heads (d <= `LEAN_MAX_HEAD_DIM`, e.g. diffusers' width-8 heads) XLA's own attention
+saves the [B, heads, L, L] probabilities for the backward pass and runs its width-d matmuls
+slowly over those large buffers; `lean_attention` instead keeps only the per-row log-sum-exp and
+recomputes the scores in the backward (as FlashAttention does), one example at a time so that
+the [heads, L, L] temporaries stay in cache. Elsewhere `jax.nn.dot_product_attention` picks the
+platform's fused kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+LEAN_MAX_HEAD_DIM = 32  # wider heads do enough work per score for XLA's own version to keep up
+
+
+def _scores(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
+  """[L, h, d] x [L, h, d] -> float32 [h, L, L] scaled logits."""
+  scale = q.shape[-1] ** -0.5
+  return jnp.einsum('qhd,khd->hqk', q, k, preferred_element_type=jnp.float32) * scale
+
+
+def _forward_one(q, k, v):
+  """One example: the output [L, h, d] (dtype of v) and log-sum-exp float32 [h, L]."""
+  s = _scores(q, k)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - m)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum('hqk,khd->qhd', (p / denom).astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.astype(v.dtype), (m + jnp.log(denom))[..., 0]
+
+
+def _backward_one(q, k, v, out, lse, d_out):
+  """Gradients of one example from the saved output and log-sum-exp (scores recomputed)."""
+  scale = q.shape[-1] ** -0.5
+  p = jnp.exp(_scores(q, k) - lse[..., None])  # [h, L, L] float32
+  d_out32 = d_out.astype(jnp.float32)
+  dv = jnp.einsum('hqk,qhd->khd', p, d_out32)
+  dp = jnp.einsum('qhd,khd->hqk', d_out32, v.astype(jnp.float32))
+  # softmax backward: dS = P * (dP - rowsum(dO * O)).
+  row = jnp.einsum('qhd,qhd->hq', d_out32, out.astype(jnp.float32))
+  ds = p * (dp - row[..., None]) * scale
+  dq = jnp.einsum('hqk,khd->qhd', ds, k.astype(jnp.float32))
+  dk = jnp.einsum('hqk,qhd->khd', ds, q.astype(jnp.float32))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@jax.custom_vjp
+def lean_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+  """softmax(q k^T / sqrt(d)) v: q, k, v [B, L, heads, d] -> [B, L, heads, d].
+
+  Saves q, k, v, the output and a float32 [B, heads, L] log-sum-exp for the backward pass
+  instead of the [B, heads, L, L] probabilities.
+  """
+  return jax.lax.map(lambda a: _forward_one(*a)[0], (q, k, v))
+
+
+def _lean_fwd(q, k, v):
+  out, lse = jax.lax.map(lambda a: _forward_one(*a), (q, k, v))
+  return out, (q, k, v, out, lse)
+
+
+def _lean_bwd(res, d_out):
+  return jax.lax.map(lambda a: _backward_one(*a), res + (d_out,))
+
+
+lean_attention.defvjp(_lean_fwd, _lean_bwd)
+
+
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+  """Multi-head attention q, k, v [B, L, heads, d] -> [B, L, heads, d], in v's dtype."""
+  if jax.default_backend() == 'cpu' and q.shape[-1] <= LEAN_MAX_HEAD_DIM:
+    return lean_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v)
