@@ -12,6 +12,8 @@ if __name__ == '__main__':
   cpu_env.reexec_with_cpu_settings()  # on CPU: malloc settings and XLA flags, before JAX loads
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -32,6 +34,15 @@ flags.DEFINE_bool('distributed', False, 'Initialise jax.distributed from the env
                   '(TPU pods, Slurm, Open MPI) without explicit addresses.')
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
+
+
+def enable_compilation_cache() -> None:
+  """Keeps compiled programs on disk, so a resumed run, sampling or a sweep trial of the same
+  model starts without recompiling (JAX_COMPILATION_CACHE_DIR overrides the location)."""
+  path = os.environ.get('JAX_COMPILATION_CACHE_DIR',
+                        os.path.join(os.path.expanduser('~'), '.cache', 'diffusion_jax', 'xla'))
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
 def initialize_distributed() -> None:
@@ -56,6 +67,7 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  enable_compilation_cache()
   # Imported here so that --help and flag errors are instant.
   from diffusion_jax import sampling, summary, train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config

@@ -297,6 +297,17 @@ def host_batches(config, batch_size: int, *, start_step: int = 0) -> Iterator[di
                        process_count=jax.process_count())
 
 
+def abstract_batch(config, mesh) -> dict:
+  """Shapes, dtypes and shardings of one global training batch, as create_iterator yields it."""
+  k = config.training.steps_per_call
+  lead = (k,) if k > 1 else ()
+  sharding = parallel.batch_sharding(mesh, leading_axes=len(lead))
+  shape = lead + (config.training.batch_size,)
+  return {'x': jax.ShapeDtypeStruct(shape + tuple(example_shape(config)), np.float32,
+                                    sharding=sharding),
+          'label': jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding)}
+
+
 def device_prefetch(batches: Iterator[dict], size: int) -> Iterator:
   """Keeps `size` batches in flight to the devices ahead of the consumer."""
   queue = collections.deque()

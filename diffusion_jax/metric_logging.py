@@ -7,6 +7,7 @@ full float precision: sweeps read their trials' results from it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 
@@ -71,6 +72,33 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class BackgroundWriter(LoggingWriter):
+  """A writer built on a background thread; calls wait for it.
+
+  clu's TensorBoard writer imports TensorFlow, which takes seconds: built this way, that
+  overlaps the first compilation instead of delaying the first step.
+  """
+
+  def __init__(self, build):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._future = self._pool.submit(build)
+    self._pool.shutdown(wait=False)
+
+  def __getattribute__(self, name):
+    if name in ('write_scalars', 'write_images', 'flush', 'close'):
+      return getattr(object.__getattribute__(self, '_future').result(), name)
+    return object.__getattribute__(self, name)
+
+
+def _tensorboard_writer(workdir: str):
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError:  # clu's TensorBoard writer needs TensorFlow
+    logging.warning('TensorFlow/clu not installed: metrics go to the log and metrics.jsonl.')
+    return LoggingWriter()
+  return metric_writers.create_default_writer(workdir, asynchronous=True)
+
+
 def create_writer(workdir: str):
   """On process 0: metrics.jsonl plus TensorBoard and log (clu), or plus the log alone when
   TensorFlow is absent. Elsewhere: the log only."""
@@ -78,9 +106,4 @@ def create_writer(workdir: str):
     return LoggingWriter()
   os.makedirs(workdir, exist_ok=True)
   jsonl = JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
-  try:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  except ImportError:  # clu's TensorBoard writer needs TensorFlow
-    logging.warning('TensorFlow/clu not installed: metrics go to the log and metrics.jsonl.')
-    return MultiWriter([jsonl, LoggingWriter()])
-  return MultiWriter([jsonl, metric_writers.create_default_writer(workdir, asynchronous=True)])
+  return MultiWriter([jsonl, BackgroundWriter(lambda: _tensorboard_writer(workdir))])

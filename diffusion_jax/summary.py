@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import config_checks, parallel, train
+from diffusion_jax import config_checks, input_pipeline, parallel, train
 from diffusion_jax.models.layers import AttentionBlock, ResBlock
 
 
@@ -43,15 +43,9 @@ def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
 def train_step_flops(config, task, mesh) -> float:
   """XLA's FLOP count of one compiled train step on the global batch (all devices)."""
   state = train.abstract_train_state(config, task, mesh)
-  k = config.training.steps_per_call
-  lead = (k,) if k > 1 else ()
-  b = config.training.batch_size
-  sharding = parallel.batch_sharding(mesh, leading_axes=len(lead))
-  batch = {'x': jax.ShapeDtypeStruct(lead + (b,) + tuple(task.info.shape), jnp.float32,
-                                     sharding=sharding),
-           'label': jax.ShapeDtypeStruct(lead + (b,), jnp.int32, sharding=sharding)}
+  batch = input_pipeline.abstract_batch(config, mesh)
   compiled = train.make_train_step(config, task, mesh).lower(state, batch).compile()
-  return compiled_flops(compiled, mesh.size) / k
+  return compiled_flops(compiled, mesh.size) / config.training.steps_per_call
 
 
 def compiled_flops(compiled, num_devices: int = 1) -> float:

@@ -13,7 +13,6 @@ index (dropout masks therefore do depend on the device count).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any, NamedTuple

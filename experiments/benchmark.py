@@ -1,0 +1,315 @@
+"""Speed of the U-Net: train step, forward, DDIM sampling, input pipeline, start-up; vs diffusers.
+
+  python experiments/benchmark.py --config=configs/bench.py --compare=diffusers
+  python experiments/benchmark.py --config=configs/bench.py --config.training.batch_size=32
+
+Measures, on the config's model and global batch: parameters, XLA's FLOPs per train step,
+compile times, steady-state images/s of the real data-parallel train step (batches already on
+the devices), of the forward pass and of DDIM-50 sampling, peak memory, the fraction of a
+measured 4096^2 matmul peak (float32 on CPU, bfloat16 on GPU) that training reaches, the input
+pipeline's delivery rate against the train step's consumption, and the time from process start
+to the first finished train step of configs/digits.py. With --compare=diffusers the same
+architecture in diffusers/PyTorch is timed the same way, its measurements alternating with ours
+in this one process so that both see the same machine load; all times are medians.
+
+On CPU the script first re-executes itself with `diffusion_jax.cpu_env` (malloc settings and
+XLA flags; set DIFFUSION_JAX_CPU_ENV=0 to measure without them). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from diffusion_jax import cpu_env  # pylint: disable=wrong-import-position
+
+if __name__ == '__main__':
+  cpu_env.reexec_with_cpu_settings()  # before JAX is imported: glibc and XLA read these once
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import json
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from diffusion_jax import input_pipeline, parallel, sampling, summary, train
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+config_flags.DEFINE_config_file('config', os.path.join(_ROOT, 'configs', 'bench.py'),
+                                'Config file; fields can be overridden, '
+                                'e.g. --config.training.batch_size=32.', lock_config=False)
+flags.DEFINE_enum('compare', None, ['diffusers'], 'Also time this implementation.')
+flags.DEFINE_string('output', 'benchmark.json', 'Where the JSON results go.')
+flags.DEFINE_integer('warmup', 2, 'Untimed calls before each measurement.')
+flags.DEFINE_integer('repeats', 10, 'Timed train steps and forward passes per side.')
+flags.DEFINE_integer('sample_repeats', 3, 'Timed DDIM-50 sampling calls.')
+flags.DEFINE_integer('pipeline_batches', 50, 'Timed batches of the input pipeline.')
+flags.DEFINE_bool('first_step', True, 'Time `launch.py` on configs/digits.py to its first step.')
+FLAGS = flags.FLAGS
+
+DDIM_STEPS = 50
+
+
+def alternate(fns: dict[str, Callable[[], object]], *, warmup: int,
+              repeats: int) -> dict[str, list[float]]:
+  """Seconds per call of each function, their calls interleaved round by round.
+
+  Each function must block until its work is done.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def median(xs: list[float]) -> float:
+  return float(np.median(xs))
+
+
+def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+  """FLOP/s of an n x n matmul on the default device: float32 on CPU, bfloat16 elsewhere."""
+  dtype = jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  mm = jax.jit(jnp.dot)
+  times = alternate({'mm': lambda: mm(a, a).block_until_ready()}, warmup=1, repeats=repeats)
+  return 2 * n**3 / median(times['mm'])
+
+
+def peak_memory_bytes() -> dict:
+  """Device memory high-water mark where the device reports one, else host RSS high-water."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return {'kind': 'device', 'bytes': int(stats['peak_bytes_in_use'])}
+  return {'kind': 'host_rss', 'bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def synthetic_npz(directory: str, n: int, size: int, channels: int) -> str:
+  """A random uint8 [n, size, size, channels] `images` file, for timing the npz source."""
+  path = os.path.join(directory, 'synthetic.npz')
+  rng = np.random.default_rng(0)
+  np.savez(path, images=rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8))
+  return path
+
+
+def pipeline_rate(config, mesh, num_batches: int) -> float:
+  """Images/s that `input_pipeline.create_iterator` delivers as sharded device arrays."""
+  batches = input_pipeline.create_iterator(config, mesh)
+  for _ in range(3):
+    jax.block_until_ready(next(batches))
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    jax.block_until_ready(next(batches))
+  return num_batches * config.training.batch_size / (time.perf_counter() - start)
+
+
+def time_to_first_step(workdir: str, timeout: float = 600.0) -> float | None:
+  """Seconds from starting `launch.py --config=configs/digits.py` to its first logged step."""
+  cmd = [sys.executable, os.path.join(_ROOT, 'launch.py'),
+         f'--config={os.path.join(_ROOT, "configs", "digits.py")}', f'--workdir={workdir}',
+         '--config.training.num_steps=1', '--config.training.log_every=1',
+         '--config.training.sample_every=0', '--alsologtostderr']
+  # A fresh compilation cache: the cold start is what is measured.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, 'xla_cache'))
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, cwd=_ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  seconds = None
+  for line in proc.stderr:
+    if seconds is None and 'step 1/1' in line:
+      seconds = time.perf_counter() - start
+  proc.wait(timeout=timeout)
+  if proc.returncode:
+    raise RuntimeError(f'{" ".join(cmd)} failed with exit status {proc.returncode}.')
+  return seconds
+
+
+class JaxBench:
+  """Our train step, forward pass and DDIM sampler on one fixed global batch on the devices."""
+
+  def __init__(self, config, mesh, images: np.ndarray):
+    self.config, self.mesh = config, mesh
+    self.task = task = train.create_task(config)
+    self.state = train.create_train_state(config, task, mesh)
+    b = config.training.batch_size
+    self.batch = parallel.host_to_global(
+        {'x': images, 'label': np.zeros((b,), np.int32)}, parallel.batch_sharding(mesh))
+    start = time.perf_counter()
+    self.train_step = train.make_train_step(config, task, mesh).lower(
+        self.state, self.batch).compile()
+    self.train_compile_s = time.perf_counter() - start
+    self.train_flops = summary.compiled_flops(self.train_step, mesh.size)
+    rng = jax.random.PRNGKey(1)
+    self.x_t = jax.device_put(jax.random.normal(rng, images.shape), parallel.batch_sharding(mesh))
+    self.t = jax.device_put(jax.random.randint(rng, (b,), 0, config.diffusion.num_timesteps),
+                            parallel.batch_sharding(mesh))
+    apply = jax.jit(lambda params, x, t: task.model.apply({'params': params}, x, t))
+    start = time.perf_counter()
+    self.apply = apply.lower(self.state.params, self.x_t, self.t).compile()
+    self.forward_compile_s = time.perf_counter() - start
+    self.forward_flops = summary.compiled_flops(self.apply)
+    self.generate = sampling.make_generate_fn(config, task, mesh, num_steps=DDIM_STEPS)
+    self.num_params = summary.parameter_count(self.state.params)
+
+  def step(self) -> None:
+    self.state, metrics = self.train_step(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+
+  def forward(self) -> None:
+    self.apply(self.state.params, self.x_t, self.t).block_until_ready()
+
+  def sample(self) -> None:
+    self.generate(self.state.ema_params, jax.random.PRNGKey(2), self.config.training.batch_size)
+
+
+def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeats: int,
+        pipeline_batches: int, first_step: bool) -> dict:
+  """Every measurement, as a JSON-ready dict (see the module docstring)."""
+  config = config.copy_and_resolve_references()
+  b = config.training.batch_size
+  config.sampling.batch_size = b
+  config.sampling.num_steps = DDIM_STEPS
+  config.sampling.sampler = 'ddim'
+  mesh = parallel.create_mesh()
+  device = jax.devices()[0]
+  res = {'device': f'{jax.device_count()} x {device.device_kind} ({device.platform})',
+         'host': f'{platform.machine()}, {os.cpu_count()} CPUs', 'jax': jax.__version__,
+         'batch_size': b, 'image_shape': list(input_pipeline.example_shape(config)),
+         'environment': {k: os.environ.get(k, '') for k in
+                         list(cpu_env.MALLOC_SETTINGS) + ['XLA_FLAGS']}}
+  with tempfile.TemporaryDirectory() as tmp:
+    if config.data.source == 'npz' and not config.data.path:
+      config.data.path = synthetic_npz(tmp, max(2048, 4 * b), config.data.image_size,
+                                       config.data.channels)
+    images = next(input_pipeline.host_batches(config, b))['x']
+    logging.info('Compiling the train step, forward and sampler.')
+    jb = JaxBench(config, mesh, images)
+    res['params'] = jb.num_params
+    res['train_step_flops'] = jb.train_flops
+    res['forward_flops'] = jb.forward_flops
+    res['train_compile_s'] = jb.train_compile_s
+    res['forward_compile_s'] = jb.forward_compile_s
+    res['matmul_peak_flops'] = matmul_peak()
+    jb.step()
+    jb.forward()
+    res['peak_memory'] = peak_memory_bytes()  # ours alone: before PyTorch allocates anything
+
+    fns_train, fns_forward, tb = {'jax': jb.step}, {'jax': jb.forward}, None
+    if compare == 'diffusers':
+      from experiments import diffusers_side  # pylint: disable=g-import-not-at-top
+      import torch  # pylint: disable=g-import-not-at-top
+      torch.set_num_threads(len(os.sched_getaffinity(0)))
+      tb = diffusers_side.TorchBench(config, images, np.asarray(jb.task.schedule.alphas_cumprod))
+      torch_params = diffusers_side.parameter_count(tb.model)
+      if torch_params != jb.num_params:
+        raise SystemExit(f'FATAL: diffusers UNet2DModel has {torch_params:,} parameters, ours '
+                         f'{jb.num_params:,}: the architectures differ, timings would mislead.')
+      res['torch'] = {'version': torch.__version__, 'threads': torch.get_num_threads(),
+                      'params': torch_params,
+                      'matmul_peak_flops': diffusers_side.matmul_flops_per_s()}
+      fns_train['torch'], fns_forward['torch'] = tb.train_step, tb.forward
+
+    logging.info('Timing train steps: %s, alternating.', ', '.join(fns_train))
+    train_times = alternate(fns_train, warmup=warmup, repeats=repeats)
+    logging.info('Timing forward passes.')
+    forward_times = alternate(fns_forward, warmup=warmup, repeats=repeats)
+    logging.info('Timing DDIM-%d sampling.', DDIM_STEPS)
+    sample_times = alternate({'jax': jb.sample}, warmup=1, repeats=sample_repeats)
+    res['train_images_per_s'] = b / median(train_times['jax'])
+    res['forward_images_per_s'] = b / median(forward_times['jax'])
+    res['ddim50_images_per_s'] = b / median(sample_times['jax'])
+    res['train_flops_per_s'] = jb.train_flops / median(train_times['jax'])
+    res['train_fraction_of_peak'] = res['train_flops_per_s'] / res['matmul_peak_flops']
+    res['times_s'] = {'train': train_times, 'forward': forward_times, 'ddim50': sample_times}
+    if tb is not None:
+      t = res['torch']
+      t['train_images_per_s'] = b / median(train_times['torch'])
+      t['forward_images_per_s'] = b / median(forward_times['torch'])
+      t['train_flops_per_s'] = jb.train_flops / median(train_times['torch'])
+      t['train_fraction_of_peak'] = t['train_flops_per_s'] / res['matmul_peak_flops']
+      res['ratio_jax_over_torch'] = {
+          'train': res['train_images_per_s'] / t['train_images_per_s'],
+          'forward': res['forward_images_per_s'] / t['forward_images_per_s']}
+      res['process_peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    logging.info('Timing the input pipeline and the digits start-up.')
+    res['pipeline_images_per_s'] = pipeline_rate(config, mesh, pipeline_batches)
+    res['pipeline_over_consumption'] = res['pipeline_images_per_s'] / res['train_images_per_s']
+    res['digits_first_step_s'] = (time_to_first_step(os.path.join(tmp, 'digits'))
+                                  if first_step else None)
+  return res
+
+
+def format_table(res: dict) -> str:
+  """A Markdown table of the results, with PyTorch columns when they were measured."""
+  t = res.get('torch') or {}
+  rows = []
+
+  def add(name: str, ours, theirs=None, fmt: str = '{:.1f}', ratio: bool = True) -> None:
+    cell = lambda v: v if isinstance(v, str) else ('' if v is None else fmt.format(v))
+    numbers = all(isinstance(v, (int, float)) and v for v in (ours, theirs))
+    r = f'{ours / theirs:.2f}x' if ratio and numbers else ''
+    rows.append((name, cell(ours) or 'not measured', cell(theirs), r))
+
+  scale = lambda key, k: t[key] / k if key in t else None
+  mem = res['peak_memory']
+  add('parameters', f'{res["params"]:,}', t and f'{t["params"]:,}')
+  add('train step GFLOP (XLA count)', res['train_step_flops'] / 1e9)
+  add('compile s: train step / forward',
+      f'{res["train_compile_s"]:.1f} / {res["forward_compile_s"]:.1f}')
+  add('train images/s', res['train_images_per_s'], t.get('train_images_per_s'), '{:.2f}')
+  add('forward images/s', res['forward_images_per_s'], t.get('forward_images_per_s'), '{:.2f}')
+  add(f'DDIM-{DDIM_STEPS} sampling images/s', res['ddim50_images_per_s'], fmt='{:.3f}')
+  add('train GFLOP/s', res['train_flops_per_s'] / 1e9, scale('train_flops_per_s', 1e9))
+  add('train, % of the matmul peak below', 100 * res['train_fraction_of_peak'],
+      scale('train_fraction_of_peak', 0.01), '{:.0f}%', ratio=False)
+  add('4096^2 float32 matmul GFLOP/s' if jax.default_backend() == 'cpu' else
+      '4096^2 bfloat16 matmul GFLOP/s', res['matmul_peak_flops'] / 1e9,
+      scale('matmul_peak_flops', 1e9), '{:.0f}')
+  add(f'peak memory GiB ({mem["kind"]})', mem['bytes'] / 2**30, fmt='{:.2f}')
+  add('input pipeline images/s', res['pipeline_images_per_s'], fmt='{:.0f}')
+  add('pipeline / train consumption', res['pipeline_over_consumption'], fmt='{:.0f}x')
+  add('digits: process start to first step, s', res['digits_first_step_s'])
+  head = ('metric', 'JAX', 'PyTorch (diffusers)' if t else '', 'JAX / PyTorch' if t else '')
+  lines = ['| ' + ' | '.join(head) + ' |', '| --- | ---: | ---: | ---: |']
+  lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  res = run(FLAGS.config, compare=FLAGS.compare, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
+            sample_repeats=FLAGS.sample_repeats, pipeline_batches=FLAGS.pipeline_batches,
+            first_step=FLAGS.first_step)
+  res['command'] = ' '.join(['python'] + [os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:])
+  print(f'{res["device"]}; {res["host"]}; jax {res["jax"]}'
+        + (f'; torch {res["torch"]["version"]}' if 'torch' in res else '')
+        + f'; batch {res["batch_size"]}')
+  print(format_table(res))
+  with open(FLAGS.output, 'w') as f:
+    json.dump(res, f, indent=2)
+  print(f'wrote {FLAGS.output}')
+
+
+if __name__ == '__main__':
+  app.run(main)

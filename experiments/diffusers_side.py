@@ -1,0 +1,96 @@
+"""The PyTorch side of the benchmark: diffusers' UNet2DModel built like our U-Net, and its steps.
+
+The train step does the same work as ours (`diffusion_jax.train.train_step`): draw timesteps and
+noise, noise the batch, predict the noise, MSE loss, backward, global-norm clipping, AdamW, and
+an EMA update of the parameters. Needs the `bench` extra (torch, diffusers).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+
+
+def build_unet(config) -> UNet2DModel:
+  """diffusers' UNet2DModel with the architecture of `config.model` (the bench U-Net's layout).
+
+  Levels with attention use AttnDownBlock2D / AttnUpBlock2D; diffusers' default attention head
+  width of 8 matches `model.head_dim = 8`.
+  """
+  mc, size = config.model, config.data.image_size
+  if mc.scale_shift or mc.head_dim != 8:
+    raise ValueError('the diffusers comparison needs model.scale_shift=False and head_dim=8.')
+  widths = tuple(mc.channels * m for m in mc.channel_mult)
+  attn = [size // 2**i in mc.attention_resolutions for i in range(len(widths))]
+  down = tuple('AttnDownBlock2D' if a else 'DownBlock2D' for a in attn)
+  up = tuple('AttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(attn))
+  return UNet2DModel(sample_size=size, in_channels=config.data.channels,
+                     out_channels=config.data.channels, block_out_channels=widths,
+                     layers_per_block=mc.num_res_blocks, down_block_types=down,
+                     up_block_types=up, attention_head_dim=8, norm_eps=1e-6,
+                     norm_num_groups=mc.num_groups, dropout=mc.dropout)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+  return sum(p.numel() for p in model.parameters())
+
+
+class TorchBench:
+  """diffusers' U-Net with AdamW and an EMA, on a fixed batch; each call blocks until done.
+
+  Args:
+    config: the benchmark config (model, training, data groups).
+    images: float32 [B, H, W, C] in [-1, 1], the same batch the JAX side uses.
+    alphas_cumprod: float64 [T], the noise schedule.
+  """
+
+  def __init__(self, config, images: np.ndarray, alphas_cumprod: np.ndarray, seed: int = 0):
+    torch.manual_seed(seed)
+    tc = config.training
+    self.model = build_unet(config).train()
+    self.params = [p for p in self.model.parameters()]
+    self.ema = [p.detach().clone() for p in self.params]
+    self.opt = torch.optim.AdamW(self.params, lr=tc.learning_rate, betas=(tc.b1, tc.b2),
+                                 eps=tc.eps, weight_decay=tc.weight_decay)
+    self.grad_clip, self.ema_decay = tc.grad_clip, tc.ema_decay
+    self.x0 = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    self.abar = torch.from_numpy(alphas_cumprod.astype(np.float32))
+    self.t_fixed = torch.randint(0, len(self.abar), (len(self.x0),))
+    self.x_fixed = torch.randn_like(self.x0)
+
+  def train_step(self) -> float:
+    """One optimizer step; returns the loss."""
+    b = len(self.x0)
+    t = torch.randint(0, len(self.abar), (b,))
+    noise = torch.randn_like(self.x0)
+    a = self.abar[t].view(b, 1, 1, 1)
+    x_t = a.sqrt() * self.x0 + (1 - a).sqrt() * noise
+    loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, noise)
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if self.grad_clip:
+      torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+    self.opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)  # pylint: disable=protected-access
+    return loss.item()
+
+  def forward(self) -> np.ndarray:
+    """One noise prediction on the fixed noisy batch, without autograd."""
+    with torch.inference_mode():
+      return self.model(self.x_fixed, self.t_fixed).sample.numpy()
+
+
+def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
+  """float32 FLOP/s of an n x n matmul (median of `repeats`)."""
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  torch.mm(a, b)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    torch.mm(a, b)
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / float(np.median(times))
