@@ -273,7 +273,7 @@ def format_table(res: dict) -> str:
 
   scale = lambda key, k: t[key] / k if key in t else None
   mem = res['peak_memory']
-  add('parameters', f'{res["params"]:,}', t and f'{t["params"]:,}')
+  add('parameters', f'{res["params"]:,}', f'{t["params"]:,}' if t else None)
   add('train step GFLOP (XLA count)', res['train_step_flops'] / 1e9)
   add('compile s: train step / forward',
       f'{res["train_compile_s"]:.1f} / {res["forward_compile_s"]:.1f}')
