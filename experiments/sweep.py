@@ -315,15 +315,6 @@ def write_slurm_script(sweep: Sweep, root: str, **kwargs) -> str:
 
 # --- summary -------------------------------------------------------------------------------------
 
-def read_records(workdir: str) -> list[dict]:
-  """`<workdir>/metrics.jsonl` (the format of diffusion_jax.metric_logging), oldest first."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def final_metrics(records: list[dict]) -> dict:
   """step and loss of the last training record, plus the latest value of every eval metric
   (records without a loss, written by --mode=eval)."""
@@ -346,10 +337,12 @@ def summarize(root: str) -> list[dict]:
       with open(path) as f:
         trials.append(json.load(f))
   trials.sort(key=lambda t: t['index'])
+  # Imported here so that expand/slurm stay free of JAX.
+  from diffusion_jax.metric_logging import read_metrics  # pylint: disable=g-import-not-at-top
   rows = []
   for t in trials:
     row = {'trial': t['name'], **t['overrides']}
-    row.update(final_metrics(read_records(os.path.join(root, t['name']))))
+    row.update(final_metrics(read_metrics(os.path.join(root, t['name']))))
     rows.append(row)
   return rows
 
