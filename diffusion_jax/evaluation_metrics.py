@@ -2,8 +2,8 @@
 
 FID (Heusel et al. 2017) is the Fréchet distance between Gaussians fitted to two feature sets,
     ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)),
-computed exactly as pytorch-fid does (scipy's sqrtm, an eps offset on the diagonals if the
-product is singular, the imaginary-part check). KID (Binkowski et al. 2018) is the unbiased MMD^2
+computed with symmetric eigendecompositions (exact, and fast for D = 2048; the same value as
+pytorch-fid's sqrtm wherever that converges). KID (Binkowski et al. 2018) is the unbiased MMD^2
 estimate with the cubic kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets; unlike
 FID it is unbiased in the number of samples, so it stays comparable for small sample sizes.
 
@@ -14,12 +14,9 @@ keys `mu` [D] and `sigma` [D, D], the format of pytorch-fid's precomputed statis
 from __future__ import annotations
 
 import pathlib
-import warnings
 
 import numpy as np
-from scipy import linalg
 
-FID_EPS = 1e-6  # pytorch-fid's diagonal offset for a singular sigma1 @ sigma2
 
 
 def _features(x, name: str) -> np.ndarray:
@@ -40,12 +37,17 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
   return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = FID_EPS) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): mu [D], sigma [D, D]; >= 0.
 
-  If sigma1 @ sigma2 is singular enough that sqrtm returns non-finite values, `eps` is added to
-  both diagonals (with a warning), as pytorch-fid does; an imaginary part of the square root that
-  is more than numerical noise raises ValueError.
+    d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
+
+  The last trace is the sum of the square roots of the eigenvalues of sigma1 sigma2, which
+  equal those of the symmetric PSD matrix sigma1^(1/2) sigma2 sigma1^(1/2); two symmetric
+  eigendecompositions give it exactly, also for singular covariances (fewer samples than
+  feature dimensions), in seconds where a general matrix square root (scipy's sqrtm, as in
+  pytorch-fid) takes minutes for D = 2048 on a small CPU. The two agree to float precision
+  wherever sqrtm converges.
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -57,25 +59,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = FID_EPS) -> float:
     raise ValueError(f'sigma1 {sigma1.shape} and sigma2 {sigma2.shape} must both be '
                      f'{mu1.shape * 2} to match mu.')
   diff = mu1 - mu2
-  covmean = _sqrtm(sigma1 @ sigma2)
-  if not np.isfinite(covmean).all():
-    warnings.warn(f'FID: sigma1 @ sigma2 is singular; adding {eps} to the diagonal of both '
-                  'covariances (use more samples than feature dimensions to avoid this).')
-    offset = np.eye(sigma1.shape[0]) * eps
-    covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-  if np.iscomplexobj(covmean):
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f'FID: the square root of sigma1 @ sigma2 has an imaginary component of '
-                       f'{np.max(np.abs(covmean.imag)):.3g}; the statistics are likely broken.')
-    covmean = covmean.real
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product(
+      sigma1, sigma2))
 
 
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-  # Non-finite output is how a singular product shows itself; the caller handles it.
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', linalg.LinAlgWarning)
-    return linalg.sqrtm(a)
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+  """The symmetric square root of a symmetric PSD matrix (round-off negatives set to 0)."""
+  w, v = np.linalg.eigh((a + a.T) / 2)
+  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+  """tr((sigma1 sigma2)^(1/2)) for symmetric PSD sigma1, sigma2 [D, D]."""
+  root = _psd_sqrt(sigma1)
+  eig = np.linalg.eigvalsh(root @ sigma2 @ root)
+  return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
 
 
 def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:

@@ -39,12 +39,7 @@ def inception_npz(tmp_path_factory):
   return path
 
 
-def test_fid_kid_and_bits_per_dim(trained, inception_npz, monkeypatch):
-  # scipy's sqrtm of a singular 2048 x 2048 product takes over a minute on a 2-core CPU, twice
-  # (pytorch-fid retries with a diagonal offset). FID's numerics are tested in
-  # test_evaluation_metrics; this test is about what feeds it, so a cheap stand-in will do.
-  monkeypatch.setattr(evaluation_metrics, '_sqrtm',
-                      lambda a: np.diag(np.sqrt(np.abs(np.diagonal(a)))))
+def test_fid_kid_and_bits_per_dim(trained, inception_npz):
   config, workdir = trained
   config = config.copy_and_resolve_references()
   config.eval.inception_path = inception_npz

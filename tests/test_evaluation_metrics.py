@@ -46,6 +46,18 @@ def test_frechet_distance_zero_for_identical_and_symmetric():
   assert forward == pytest.approx(backward, rel=1e-8)
 
 
+def test_frechet_distance_equals_pytorch_fids_sqrtm_formula():
+  """General (non-commuting) full-rank covariances: the value pytorch-fid computes with sqrtm."""
+  from scipy import linalg  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  x, y = rng.normal(size=(200, 16)), rng.normal(size=(200, 16)) @ rng.normal(size=(16, 16)) + 0.5
+  mu1, s1 = feature_statistics(x)
+  mu2, s2 = feature_statistics(y)
+  covmean = linalg.sqrtm(s1 @ s2).real
+  want = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+  assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-9)
+
+
 def test_frechet_distance_rank_deficient_covariances_stay_finite():
   # Fewer samples than dimensions, as with a small eval run: both covariances are singular.
   rng = np.random.default_rng(3)
