@@ -181,6 +181,12 @@ def _crossed(step: int, k: int, every: int) -> bool:
   return bool(every) and step // every != (step - k) // every
 
 
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process (a collective: every process must call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
 def _write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -234,20 +240,22 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
   progress = _Progress(step, tc.num_steps, tc.batch_size)
   k = tc.steps_per_call
   pending = []  # device-side metrics since the last log: no host sync per step
-  last_finite_step = step
 
-  def check_finite():
-    nonlocal pending, last_finite_step
-    if not pending:
-      return
-    losses = np.asarray(jax.device_get([m['loss'] for m in pending]))
-    if not np.all(np.isfinite(losses)):
+  def fetch_checked(clear: bool = True) -> dict:
+    """The pending metrics on the host, {name: [value per call]}; raises on a non-finite loss
+    before anything from those steps can be saved."""
+    nonlocal pending
+    values = {name: np.asarray(v) for name, v in
+              jax.device_get({name: [m[name] for m in pending] for name in pending[0]}).items()}
+    if clear:
+      pending = []
+    if not np.all(np.isfinite(values['loss'])):
       manager.wait_until_finished()
       raise FloatingPointError(
           f'non-finite loss at step {step}: training stopped. The last good checkpoint '
           f'(step {manager.latest_step()}) is kept in {checkpointing.checkpoint_dir(workdir)}. '
           'Lower training.learning_rate, enable training.grad_clip, or check the data.')
-    last_finite_step = step
+    return values
 
   with checkpointing.PreemptionFlag() as preempted:
     while step < tc.num_steps:
@@ -255,19 +263,15 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
       step += k
       pending.append(metrics)
       last = step >= tc.num_steps
+      log_now = _crossed(step, k, tc.log_every)
       stop = preempted.is_set()
-      if jax.process_count() > 1 and _crossed(step, k, tc.log_every):
-        # Every process must agree to stop at the same step, or the collectives hang.
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        stop = bool(multihost_utils.process_allgather(np.asarray(stop)).any())
-      elif jax.process_count() > 1:
-        stop = False
-      if _crossed(step, k, tc.log_every) or last or stop:
-        check_finite()
-        summary = {name: float(np.mean(jax.device_get([m[name] for m in pending])))
-                   for name in pending[0]}
+      if jax.process_count() > 1:
+        # Every process must stop at the same step or the collectives hang; they agree at log
+        # steps only, which keeps host syncs out of the others.
+        stop = log_now and _any_process(stop)
+      if log_now or last or stop:
+        summary = {name: float(v.mean()) for name, v in fetch_checked().items()}
         summary.update(progress.update(step))
-        pending = []
         writer.write_scalars(step, summary)
         logging.info('step %d/%d  loss %.5f  %.2f steps/s  %.1f img/s  ETA %.1f min', step,
                      tc.num_steps, summary['loss'], summary['steps_per_sec'],
@@ -275,7 +279,8 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
       if _crossed(step, k, tc.sample_every) or (last and tc.sample_every):
         write_preview(config, preview, state.ema_params, step, workdir, writer)
       if _crossed(step, k, tc.checkpoint_every) or last or stop:
-        check_finite()
+        if pending:  # steps since the last log must be finite before they are saved
+          fetch_checked(clear=False)
         checkpointing.save(manager, step, state)
       if stop:
         logging.info('Preempted: saved step %d, exiting.', step)
