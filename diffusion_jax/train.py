@@ -1,8 +1,9 @@
 """Training: TrainState with EMA, the data-parallel train step, and the training loop.
 
 Importable from a notebook: `create_train_state`, `train_step` and `train_and_evaluate` are plain
-functions of a config. The train step is written per device (gradients averaged with
-`lax.pmean` over 'data') and mapped over every device with jit(shard_map).
+functions of a config. The train step is written per device (the loss is the `lax.pmean`
+over 'data' of each device's mean, so the gradient of the replicated parameters is the global
+batch's) and mapped over every device with jit(shard_map).
 
 Random numbers: each example's timestep and noise come from the state key folded with the step
 and with the example's index in the global batch, so devices never share noise and the losses
@@ -115,7 +116,7 @@ def _example_keys(step_key: jnp.ndarray, local_batch: int) -> jnp.ndarray:
 
 
 def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[TrainState, dict]:
-  """One optimizer step, per device: loss and grads on this device's share, pmean over 'data'.
+  """One optimizer step, per device: the loss is the pmean over 'data' of this device's share.
 
   Args:
     batch: {'x': float32 [b, ...] in [-1, 1] (points: [b, 2]), 'label': int32 [b]}, this
@@ -143,11 +144,12 @@ def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[T
     per_example = diffusion.loss_per_example(
         predict, task.schedule, x0, t, noise, prediction_type=dc.prediction_type,
         loss_type=dc.loss, min_snr_gamma=dc.min_snr_gamma or None)
-    return jnp.mean(per_example)
+    # The global batch's mean. Parameters are replicated (invariant over 'data'), so their
+    # gradient is already summed over devices: it is the global mean's gradient, the same on
+    # every device, with no further reduction.
+    return jax.lax.pmean(jnp.mean(per_example), parallel.AXIS)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
-  loss = jax.lax.pmean(loss, parallel.AXIS)
   updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(tc, state.step))

@@ -209,3 +209,17 @@ def test_steps_per_call_matches_single_steps(image_config):
     last.append(float(metrics['loss']))
   np.testing.assert_allclose(last, single[[1, 3]], rtol=2e-5)
   assert int(state.step) == 4
+
+
+def test_gradient_norm_does_not_depend_on_the_device_count(image_config):
+  """The gradient is the global batch's mean, not a sum over devices (Adam would hide a factor
+  of the device count; gradient clipping and the logged norm would not)."""
+  norms = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.create_mesh(devices)
+    task = train.create_task(image_config)
+    state = train.create_train_state(image_config, task, mesh)
+    step = train.make_train_step(image_config, task, mesh)
+    _, metrics = step(state, next(input_pipeline.create_iterator(image_config, mesh)))
+    norms.append(float(metrics['grad_norm']))
+  np.testing.assert_allclose(norms[0], norms[1], rtol=1e-4)
