@@ -23,15 +23,22 @@ def _scores(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
   return jnp.einsum('qhd,khd->hqk', q, k, preferred_element_type=jnp.float32) * scale
 
 
+def _heads_major(a: jnp.ndarray) -> jnp.ndarray:
+  """[L, h, d] <-> [h, L, d]."""
+  return a.transpose(1, 0, 2)
+
+
 def _forward_one(q, k, v):
-  """One example: the output [L, h, d] (dtype of v) and log-sum-exp float32 [h, L]."""
+  """One example, [L, h, d]: the output (dtype of v) and log-sum-exp float32 [h, L]."""
   s = _scores(q, k)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - m)
   denom = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum('hqk,khd->qhd', (p / denom).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.astype(v.dtype), (m + jnp.log(denom))[..., 0]
+  # Heads-major operands make this a plain [L, L] x [L, d] product per head; with v as
+  # [L, h, d] XLA computes the transposed product instead, at half the speed.
+  out = jnp.einsum('hqk,hkd->hqd', p.astype(v.dtype), _heads_major(v),
+                   preferred_element_type=jnp.float32) / denom
+  return _heads_major(out.astype(v.dtype)), (m + jnp.log(denom))[..., 0]
 
 
 def _backward_one(q, k, v, out, lse, d_out):
@@ -44,7 +51,7 @@ def _backward_one(q, k, v, out, lse, d_out):
   # softmax backward: dS = P * (dP - rowsum(dO * O)).
   row = jnp.einsum('qhd,qhd->hq', d_out32, out.astype(jnp.float32))
   ds = p * (dp - row[..., None]) * scale
-  dq = jnp.einsum('hqk,khd->qhd', ds, k.astype(jnp.float32))
+  dq = _heads_major(jnp.einsum('hqk,hkd->hqd', ds, _heads_major(k.astype(jnp.float32))))
   dk = jnp.einsum('hqk,qhd->khd', ds, q.astype(jnp.float32))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
@@ -56,7 +63,9 @@ def lean_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarra
   Saves q, k, v, the output and a float32 [B, heads, L] log-sum-exp for the backward pass
   instead of the [B, heads, L, L] probabilities.
   """
-  return jax.lax.map(lambda a: _forward_one(*a)[0], (q, k, v))
+  # Without differentiation all examples go at once; under `jax.grad` the forward runs one
+  # example at a time, which measured faster next to the backward's own loop.
+  return jax.vmap(_forward_one)(q, k, v)[0]
 
 
 def _lean_fwd(q, k, v):

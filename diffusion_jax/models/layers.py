@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.models.attention import attention
+from diffusion_jax.models.normalization import GroupNorm
 
 Dtype = Any
 
@@ -28,10 +29,10 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) ->
   return emb
 
 
-def group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
-  # eps 1e-6 as in the DDPM reference; statistics in float32 for bf16 stability.
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+def group_norm(num_groups: int, dtype: Dtype, name: str | None = None, *,
+               silu: bool = False) -> GroupNorm:
+  """GroupNorm (then SiLU if `silu`): eps 1e-6 as in the DDPM reference, float32 statistics."""
+  return GroupNorm(num_groups=num_groups, epsilon=1e-6, silu=silu, dtype=dtype, name=name)
 
 
 class ResBlock(nn.Module):
@@ -51,16 +52,16 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, *, train: bool):
     conv = lambda ch, k, name: nn.Conv(ch, (k, k), dtype=self.dtype, name=name)
-    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm1')(x))
+    h = group_norm(self.num_groups, self.dtype, 'norm1', silu=True)(x)
     h = conv(self.out_channels, 3, 'conv1')(h)
     emb = nn.Dense(self.out_channels * (2 if self.scale_shift else 1), dtype=self.dtype,
                    name='temb_proj')(nn.silu(temb))[:, None, None, :]
     if self.scale_shift:
       scale, shift = jnp.split(emb, 2, axis=-1)
-      h = group_norm(self.num_groups, self.dtype, 'norm2')(h) * (1 + scale) + shift
+      h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm2')(h) * (1 + scale) + shift)
     else:
-      h = group_norm(self.num_groups, self.dtype, 'norm2')(h + emb)
-    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+      h = group_norm(self.num_groups, self.dtype, 'norm2', silu=True)(h + emb)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                 name='conv2')(h)
     if x.shape[-1] != self.out_channels:

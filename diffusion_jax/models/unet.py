@@ -85,7 +85,7 @@ class UNet(nn.Module):
       if level != 0:
         h = Upsample(dtype, name=f'up{level}_upsample')(h)
 
-    h = nn.silu(group_norm(self.num_groups, dtype, 'norm_out')(h))
+    h = group_norm(self.num_groups, dtype, 'norm_out', silu=True)(h)
     out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), dtype=dtype,
                   kernel_init=nn.initializers.zeros, name='conv_out')(h)
     return out.astype(jnp.float32)
