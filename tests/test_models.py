@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.models import MLP, UNet
-from diffusion_jax.models.layers import timestep_embedding
+from diffusion_jax.models.layers import Upsample, timestep_embedding, upsample_conv
 
 
 def n_params(model, shape, labels=False):
@@ -115,3 +115,36 @@ def test_mlp_shape_and_conditioning():
   _, out = init_and_apply(model, x, jnp.array([1, 90], jnp.int32))
   assert out.shape == (2, 2)
   assert float(jnp.abs(out[0] - out[1]).max()) > 1e-4
+
+
+def repeat_then_conv(x, kernel, bias):
+  """The textbook upsampling layer: nearest 2x repeat, then a 'SAME' 3x3 conv."""
+  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return jax.lax.conv_general_dilated(up, kernel, (1, 1), 'SAME',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+
+
+@pytest.mark.parametrize('shape,c_out', [((2, 4, 4, 8), 8), ((1, 3, 5, 4), 6), ((2, 1, 1, 3), 2)])
+def test_upsample_conv_equals_repeat_then_conv(shape, c_out):
+  kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(kx, shape)
+  kernel = jax.random.normal(kk, (3, 3, shape[-1], c_out))
+  bias = jax.random.normal(kb, (c_out,))
+  got = upsample_conv(x, kernel, bias)
+  want = repeat_then_conv(x, kernel, bias)
+  assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], c_out)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(kg, got.shape)
+  loss = lambda f: (lambda x, k, b: jnp.sum(f(x, k, b) * g))
+  for a, b in zip(jax.grad(loss(upsample_conv), (0, 1, 2))(x, kernel, bias),
+                  jax.grad(loss(repeat_then_conv), (0, 1, 2))(x, kernel, bias)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_upsample_module_keeps_the_conv_parameters():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 8))
+  params = Upsample().init(jax.random.PRNGKey(0), x)['params']
+  assert jax.tree.map(jnp.shape, params) == {'conv': {'kernel': (3, 3, 8, 8), 'bias': (8,)}}
+  np.testing.assert_allclose(Upsample().apply({'params': params}, x),
+                             repeat_then_conv(x, params['conv']['kernel'], params['conv']['bias']),
+                             rtol=1e-5, atol=1e-5)

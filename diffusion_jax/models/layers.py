@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.attention import attention
@@ -104,11 +105,57 @@ class Downsample(nn.Module):
                    dtype=self.dtype, name='conv')(x)
 
 
+# Nearest 2x upsampling then a 3x3 conv, split by output phase: output row 2i + a reads input
+# rows (i - 1, i) through kernel rows (0, 1 + 2) when a = 0, and rows (i, i + 1) through kernel
+# rows (0 + 1, 2) when a = 1; the same holds for columns. _PHASE_TAPS[a] maps the 3 kernel rows
+# to the 2 taps of phase a.
+_PHASE_TAPS = (((1, 0, 0), (0, 1, 1)),
+               ((1, 1, 0), (0, 0, 1)))
+_PHASE_PADDING = ((1, 0), (0, 1))  # phase a's taps start at offset -1 (a = 0) or 0 (a = 1)
+
+
+def upsample_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+  """conv3x3(nearest_upsample_2x(x)) + bias, 'SAME' padding: x [B, H, W, C_in], kernel
+  [3, 3, C_in, C_out] -> [B, 2H, 2W, C_out].
+
+  Computed exactly as four 2x2 convolutions on the small grid, one per output phase, with the
+  kernel's taps summed where two of them read the same repeated input pixel: 16 instead of 36
+  multiply-adds per input pixel and channel pair, and no upsampled copy of x.
+  """
+  b, h, w, _ = x.shape
+  taps = jnp.asarray(_PHASE_TAPS, jnp.float32)
+  phase_kernels = jnp.einsum('ary,csx,yxio->acrsio', taps, taps,
+                             kernel.astype(jnp.float32)).astype(x.dtype)  # [2, 2, 2, 2, I, O]
+  conv = lambda a, c: jax.lax.conv_general_dilated(
+      x, phase_kernels[a, c], (1, 1), (_PHASE_PADDING[a], _PHASE_PADDING[c]),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  rows = [jnp.stack([conv(a, 0), conv(a, 1)], axis=3) for a in (0, 1)]  # [B, H, W, 2, O] each
+  out = jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+  return out + bias.astype(x.dtype)
+
+
 class Upsample(nn.Module):
-  """Doubles H and W: nearest-neighbour repeat, then a 3x3 conv."""
+  """Doubles H and W: nearest-neighbour repeat, then a 3x3 conv (as `upsample_conv`).
+
+  The parameters are those of the `nn.Conv` named 'conv' that would follow the repeat.
+  """
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name='conv')(x)
+    c = x.shape[-1]
+    conv = _ConvParams((3, 3, c, c), name='conv')
+    kernel, bias = conv()
+    return upsample_conv(x.astype(self.dtype), kernel, bias)
+
+
+class _ConvParams(nn.Module):
+  """The kernel and bias of an `nn.Conv`, with its initialisers, for layers computing their own
+  convolution."""
+  kernel_shape: tuple
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param('kernel', nn.linear.default_kernel_init, self.kernel_shape, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, self.kernel_shape[-1:], jnp.float32)
+    return kernel, bias
