@@ -18,9 +18,16 @@ LEAN_MAX_HEAD_DIM = 32  # wider heads do enough work per score for XLA's own ver
 
 
 def _scores(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
-  """[L, h, d] x [L, h, d] -> float32 [h, L, L] scaled logits."""
-  scale = q.shape[-1] ** -0.5
-  return jnp.einsum('qhd,khd->hqk', q, k, preferred_element_type=jnp.float32) * scale
+  """[L, h, d] x [L, h, d] -> float32 [h, L, L] logits; q must already carry the 1/sqrt(d).
+
+  (Scaling q, not the [h, L, L] product, keeps XLA from materialising a broadcast constant of
+  the scores' size.)
+  """
+  return jnp.einsum('qhd,khd->hqk', q, k, preferred_element_type=jnp.float32)
+
+
+def _scaled(q: jnp.ndarray) -> jnp.ndarray:
+  return q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
 
 
 def _heads_major(a: jnp.ndarray) -> jnp.ndarray:
@@ -30,7 +37,7 @@ def _heads_major(a: jnp.ndarray) -> jnp.ndarray:
 
 def _forward_one(q, k, v):
   """One example, [L, h, d]: the output (dtype of v) and log-sum-exp float32 [h, L]."""
-  s = _scores(q, k)
+  s = _scores(_scaled(q), k)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - m)
   denom = jnp.sum(p, axis=-1, keepdims=True)
@@ -43,16 +50,17 @@ def _forward_one(q, k, v):
 
 def _backward_one(q, k, v, out, lse, d_out):
   """Gradients of one example from the saved output and log-sum-exp (scores recomputed)."""
-  scale = q.shape[-1] ** -0.5
-  p = jnp.exp(_scores(q, k) - lse[..., None])  # [h, L, L] float32
+  q_scaled = _scaled(q)
+  p = jnp.exp(_scores(q_scaled, k) - lse[..., None])  # [h, L, L] float32
   d_out32 = d_out.astype(jnp.float32)
   dv = jnp.einsum('hqk,qhd->khd', p, d_out32)
   dp = jnp.einsum('qhd,khd->hqk', d_out32, v.astype(jnp.float32))
-  # softmax backward: dS = P * (dP - rowsum(dO * O)).
+  # softmax backward: dS = P * (dP - rowsum(dO * O)), the gradient of the scaled logits.
   row = jnp.einsum('qhd,qhd->hq', d_out32, out.astype(jnp.float32))
-  ds = p * (dp - row[..., None]) * scale
+  ds = p * (dp - row[..., None])
   dq = _heads_major(jnp.einsum('hqk,hkd->hqd', ds, _heads_major(k.astype(jnp.float32))))
-  dk = jnp.einsum('hqk,qhd->khd', ds, q.astype(jnp.float32))
+  dk = jnp.einsum('hqk,qhd->khd', ds, q_scaled.astype(jnp.float32))
+  dq = _scaled(dq)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
