@@ -21,17 +21,22 @@ import jax
 import jax.numpy as jnp
 
 
-def _per_channel(stat: jnp.ndarray, channels: int) -> jnp.ndarray:
-  """[B, G] group statistic -> [B, 1, 1, C], each group's value repeated over its channels.
+def _expand(stats: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+  """[B, G] group values -> [B, 1, 1, C]: each group's value times `weights` [G, C].
 
-  Written as a product with the 0/1 group-membership matrix: XLA materialises a dot's result,
-  whereas a repeat would be fused into, and re-evaluated at, every element of the [B, H, W, C]
-  loop that reads it.
+  `weights` is zero outside a group's own channels. Every per-channel coefficient that a
+  [B, H, W, C] loop reads is made by this product: XLA materialises a dot's result, whereas an
+  elementwise [B, C] expression (a repeat, a product with `scale`) would be fused into, and
+  re-evaluated at, every element of the loop.
   """
-  b, g = stat.shape
-  membership = jnp.repeat(jnp.eye(g, dtype=stat.dtype), channels // g, axis=1)  # [G, C]
-  per_channel = jnp.dot(stat, membership, precision=jax.lax.Precision.HIGHEST)
-  return per_channel.reshape(b, 1, 1, channels)
+  out = jnp.dot(stats, weights, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(stats.shape[0], 1, 1, weights.shape[-1])
+
+
+def _membership(num_groups: int, channels: int, scale=None) -> jnp.ndarray:
+  """[G, C]: 1 (or the channel's `scale`) where the channel belongs to the group, else 0."""
+  m = jnp.repeat(jnp.eye(num_groups, dtype=jnp.float32), channels // num_groups, axis=1)
+  return m if scale is None else m * scale
 
 
 def _group_sums(per_channel: jnp.ndarray, num_groups: int) -> jnp.ndarray:
@@ -58,16 +63,22 @@ def _statistics(x: jnp.ndarray, num_groups: int, epsilon: float):
   return mean, jax.lax.rsqrt(var + epsilon)
 
 
-def _channel_affine(mean, inv_std, channels):
-  """[B, G] statistics -> p, q [B, 1, 1, C] with (x - mean) / std = x * p + q."""
-  p = _per_channel(inv_std, channels)
-  return p, -_per_channel(mean, channels) * p
+def _affine(mean, inv_std, scale, bias):
+  """[B, G] statistics -> a, b [B, 1, 1, C] with scale * (x - mean) / std + bias = x a + b."""
+  g, c = mean.shape[-1], scale.shape[-1]
+  scaled = _membership(g, c, scale)
+  a = _expand(inv_std, scaled)
+  # b = -mean * inv_std * scale + bias, as one product: [-mean * inv_std, 1] x [scaled; bias].
+  ones = jnp.ones_like(mean[:, :1])
+  b = _expand(jnp.concatenate([-mean * inv_std, ones], axis=-1),
+              jnp.concatenate([scaled, bias[None].astype(jnp.float32)], axis=0))
+  return a, b
 
 
 def _forward(x, scale, bias, num_groups, epsilon, silu):
   mean, inv_std = _statistics(x, num_groups, epsilon)
-  p, q = _channel_affine(mean, inv_std, x.shape[-1])
-  y = x.astype(jnp.float32) * (p * scale) + (q * scale + bias)
+  a, b = _affine(mean, inv_std, scale, bias)
+  y = x.astype(jnp.float32) * a + b
   out = jax.nn.silu(y) if silu else y
   return out.astype(x.dtype), (x, scale, bias, mean, inv_std)
 
@@ -108,33 +119,34 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu):
 
 
 def _group_norm_bwd(num_groups, epsilon, silu, res, d_out):
-  """With x_hat = x p + q and dy the gradient at the affine output:
+  """With x_hat = (x - mean) / std and dy the gradient at the affine output:
   d scale = sum dy x_hat, d bias = sum dy, and
-  dx = p (dy scale - mean_g(dy scale) - x_hat mean_g(dy scale x_hat)),
+  dx = (dy scale - mean_g(dy scale) - x_hat mean_g(dy scale x_hat)) / std,
   written as dx = dy * u + x * v + w with [B, 1, 1, C] coefficients u, v, w.
   """
   del epsilon
   x, scale, bias, mean, inv_std = res
-  b, h, w, c = x.shape
-  p, q = _channel_affine(mean, inv_std, c)
+  bsz, h, w, c = x.shape
   x32 = x.astype(jnp.float32)
   dy = d_out.astype(jnp.float32)
   if silu:
-    y = x32 * (p * scale) + (q * scale + bias)
+    a, b = _affine(mean, inv_std, scale, bias)
+    y = x32 * a + b
     sig = jax.nn.sigmoid(y)
     dy = dy * (sig * (1 + y * (1 - sig)))
   # Per example and channel, over H and W: sums of dy and of dy * x_hat.
-  p, q = p.reshape(b, c), q.reshape(b, c)
-  sum_dy = jnp.sum(dy, axis=(1, 2))
-  sum_dy_xhat = p * jnp.sum(dy * x32, axis=(1, 2)) + q * sum_dy
+  sum_dy = jnp.sum(dy, axis=(1, 2))  # [B, C]
+  sum_dy_x = jnp.sum(dy * x32, axis=(1, 2))
+  mean_c, inv_c = (jnp.repeat(s, c // num_groups, axis=-1) for s in (mean, inv_std))
+  sum_dy_xhat = inv_c * (sum_dy_x - mean_c * sum_dy)
   n = h * w * (c // num_groups)
-  m1 = _per_channel(_group_sums(sum_dy * scale, num_groups) / n, c).reshape(b, c)
-  m2 = _per_channel(_group_sums(sum_dy_xhat * scale, num_groups) / n, c).reshape(b, c)
-  u = p * scale
-  v = -p * p * m2
-  w_ = -p * (m1 + q * m2)
-  coef = lambda a: a.reshape(b, 1, 1, c)
-  dx = dy * coef(u) + x32 * coef(v) + coef(w_)
+  m1 = _group_sums(sum_dy * scale, num_groups) / n  # [B, G]: mean_g(dy scale)
+  m2 = _group_sums(sum_dy_xhat * scale, num_groups) / n  # mean_g(dy scale x_hat)
+  membership = _membership(num_groups, c)
+  u = _expand(inv_std, _membership(num_groups, c, scale))
+  v = _expand(-inv_std * inv_std * m2, membership)
+  w_ = _expand(inv_std * (inv_std * mean * m2 - m1), membership)
+  dx = dy * u + x32 * v + w_
   return dx.astype(x.dtype), jnp.sum(sum_dy_xhat, 0), jnp.sum(sum_dy, 0)
 
 
