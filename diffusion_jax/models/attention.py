@@ -5,8 +5,11 @@ narrow heads (d <= `LEAN_MAX_HEAD_DIM`, e.g. diffusers' width-8 heads) XLA's own
 saves the [B, heads, L, L] probabilities for the backward pass and runs its width-d matmuls
 slowly over those large buffers; `lean_attention` instead keeps only the per-row log-sum-exp and
 recomputes the scores in the backward (as FlashAttention does), one example at a time so that
-the [heads, L, L] temporaries stay in cache. Elsewhere `jax.nn.dot_product_attention` picks the
-platform's fused kernel.
+the [heads, L, L] temporaries stay in cache. Without differentiation it runs all examples at
+once, which XLA compiles into a single fused kernel (scores, softmax and product with v). The
+products are written so that XLA runs them as plain per-head matmuls: q is scaled before the
+scores, and the products with v and k take heads-major operands. Elsewhere
+`jax.nn.dot_product_attention` picks the platform's fused kernel.
 """
 
 from __future__ import annotations
