@@ -5,10 +5,11 @@
 the U-Net's most frequent layer, and on XLA:CPU the straightforward formulation (flax's
 `nn.GroupNorm`, a reduction over axes (1, 3) of [B, H*W, G, C/G]) runs several times slower than
 the memory traffic requires. Here the statistics are summed over H and W first, into [B, C], and
-then over the channels of each group; the forward pass is then one reduction pass and one
-elementwise pass over x. A custom VJP gives the backward pass the same shape: one pass for the
-[B, C] sums of the gradient and one for dx, recomputing the normalised values instead of saving
-them. Statistics are float32 whatever the dtype of x; the output has x's dtype.
+then over the channels of each group, and the per-channel coefficients of the affine map come
+out of small matmuls; the forward pass is then two reductions over x (sums of x and x^2) and one
+elementwise pass. A custom VJP gives the backward pass the same shape: reductions for the [B, C]
+sums of the gradient and one elementwise pass for dx, recomputing the normalised values instead
+of saving them. Statistics are float32 whatever the dtype of x; the output has x's dtype.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def _group_norm_bwd(num_groups, epsilon, silu, res, d_out):
   """
   del epsilon
   x, scale, bias, mean, inv_std = res
-  bsz, h, w, c = x.shape
+  _, h, w, c = x.shape
   x32 = x.astype(jnp.float32)
   dy = d_out.astype(jnp.float32)
   if silu:
