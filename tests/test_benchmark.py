@@ -40,3 +40,16 @@ def test_benchmark_writes_every_field(tmp_path):
   if HAVE_DIFFUSERS:
     assert res['torch']['params'] == res['params']
     assert set(res['ratio_jax_over_torch']) == {'train', 'forward'}
+
+
+def test_layer_benchmark_prints_every_layer():
+  cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'layer_benchmark.py'), '--batch=1',
+         '--repeats=1']
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line.split(' | ') for line in proc.stdout.splitlines() if line.startswith('| ')][2:]
+  implementations = {(r[0].strip('| '), r[1]) for r in rows}
+  for layer in ('GroupNorm+SiLU', 'attention', 'upsample + conv'):
+    assert (layer, 'ours') in implementations
+  assert all(float(r[2]) > 0 and float(r[3].strip(' |')) > 0 for r in rows)
