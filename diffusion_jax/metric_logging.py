@@ -93,8 +93,9 @@ class BackgroundWriter(LoggingWriter):
 def _tensorboard_writer(workdir: str):
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  except ImportError:  # clu's TensorBoard writer needs TensorFlow
-    logging.warning('TensorFlow/clu not installed: metrics go to the log and metrics.jsonl.')
+  except ImportError as e:  # clu's TensorBoard writer needs TensorFlow and tensorboard
+    logging.warning('No TensorBoard logging (%s): metrics go to the log and metrics.jsonl. '
+                    '`pip install tensorflow-cpu tensorboard clu` enables it.', e)
     return LoggingWriter()
   return metric_writers.create_default_writer(workdir, asynchronous=True)
 

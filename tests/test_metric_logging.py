@@ -1,0 +1,35 @@
+"""The metric writers: metrics.jsonl always, TensorBoard event files when TensorFlow is installed."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from diffusion_jax import metric_logging
+
+
+def test_jsonl_records_every_write_at_full_precision(tmp_path):
+  writer = metric_logging.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
+  writer.write_scalars(1, {'loss': 0.123456789012})
+  writer.write_scalars(2, {'loss': 0.5, 'eval/fid': 12.0})
+  assert metric_logging.read_metrics(str(tmp_path)) == [
+      {'step': 1, 'loss': 0.123456789012}, {'step': 2, 'loss': 0.5, 'eval/fid': 12.0}]
+
+
+def test_default_writer_writes_tensorboard_events(tmp_path):
+  pytest.importorskip('tensorflow')  # the project installs it; TensorFlow-free hosts log only
+  workdir = str(tmp_path)
+  writer = metric_logging.create_writer(workdir)
+  writer.write_scalars(3, {'loss': 0.25})
+  writer.write_images(3, {'samples': np.zeros((1, 8, 8, 3), np.float32)})
+  writer.flush()
+  writer.close()
+  events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert events, 'no TensorBoard event file: is tensorboard installed next to TensorFlow?'
+
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(workdir)
+  acc.Reload()
+  assert 'loss' in acc.Tags()['tensors'] or 'loss' in acc.Tags()['scalars']
+  assert metric_logging.read_metrics(workdir) == [{'step': 3, 'loss': 0.25}]
