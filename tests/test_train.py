@@ -223,3 +223,16 @@ def test_gradient_norm_does_not_depend_on_the_device_count(image_config):
     _, metrics = step(state, next(input_pipeline.create_iterator(image_config, mesh)))
     norms.append(float(metrics['grad_norm']))
   np.testing.assert_allclose(norms[0], norms[1], rtol=1e-4)
+
+
+def test_created_state_is_the_pure_init_replicated(image_config):
+  """create_train_state (compiled without backend optimisations on CPU) matches init_train_state
+  compiled as usual, and is replicated over the mesh."""
+  mesh = parallel.create_mesh()
+  task = train.create_task(image_config)
+  state = train.create_train_state(image_config, task, mesh)
+  reference = jax.jit(lambda: train.init_train_state(image_config, task))()
+  assert state.params['conv_in']['kernel'].sharding.is_fully_replicated
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert int(state.step) == 0 and np.array_equal(state.rng, reference.rng)
