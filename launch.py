@@ -68,22 +68,26 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   enable_compilation_cache()
-  # Imported here so that --help and flag errors are instant.
-  from diffusion_jax import sampling, summary, train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
+  # Each mode's module is imported only when it runs, so that --help and flag errors are instant.
+  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'summary':
+    from diffusion_jax import summary
     summary.summarize(config)
     return
   if not FLAGS.workdir:
     raise app.UsageError(f'--mode={FLAGS.mode} needs --workdir.')
   initialize_distributed()
   if FLAGS.mode == 'train':
+    from diffusion_jax import train
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == 'sample':
+    from diffusion_jax import sampling
     sampling.sample(config, FLAGS.workdir)
   else:
-    from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+    from diffusion_jax import evaluation
     evaluation.evaluate(config, FLAGS.workdir)
+  # pylint: enable=g-import-not-at-top
 
 
 if __name__ == '__main__':

@@ -45,8 +45,8 @@ def abstract_like(state: Any, sharding: Optional[jax.sharding.Sharding] = None) 
   return jax.tree.map(leaf, state)
 
 
-def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None) -> Any:
-  """The state saved at `step` (default: the latest), laid out like the abstract `target`."""
+def _existing_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
+  """`step`, or the latest when None; raises naming the directory when there is none."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {manager.directory}; train first '
@@ -54,7 +54,27 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = N
   if step not in manager.all_steps():
     raise FileNotFoundError(f'no checkpoint for step {step} in {manager.directory}; '
                             f'available: {list(manager.all_steps())}.')
+  return step
+
+
+def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None) -> Any:
+  """The state saved at `step` (default: the latest), laid out like the abstract `target`."""
+  step = _existing_step(manager, step)
   return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def restore_fields(manager: ocp.CheckpointManager, target: dict,
+                   step: Optional[int] = None) -> dict:
+  """Only some top-level fields of the state saved at `step` (default: the latest).
+
+  target: {field name: abstract subtree, as in `abstract_like`}; the other fields of the saved
+  state are not read, so restoring e.g. the EMA parameters alone needs memory for them alone.
+  """
+  step = _existing_step(manager, step)
+  args = ocp.args.PyTreeRestore(item=target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  return manager.restore(step, args=args)
 
 
 def restore_or_keep(manager: ocp.CheckpointManager, state: Any) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusion_jax import diffusion, input_pipeline, models, schedules
+from diffusion_jax import diffusion, models, schedules, sources
 
 SAMPLERS = ('ddpm', 'ddim')
 LR_SCHEDULES = ('constant', 'cosine')
@@ -17,9 +17,9 @@ def validate(config, num_devices: int) -> None:
   """Raises ValueError, naming the field, for the first bad value found."""
   data, model, diff, train, samp = (config.data, config.model, config.diffusion,
                                     config.training, config.sampling)
-  _choice(data.source, input_pipeline.SOURCES, 'data.source')
+  _choice(data.source, sources.SOURCES, 'data.source')
   if data.source == 'toy2d':
-    _choice(data.name, input_pipeline.TOY_DATASETS, 'data.name')
+    _choice(data.name, sources.TOY_DATASETS, 'data.name')
   _choice(model.architecture, models.ARCHITECTURES, 'model.architecture')
   _choice(diff.schedule, schedules.SCHEDULES, 'diffusion.schedule')
   _choice(diff.prediction_type, diffusion.PREDICTION_TYPES, 'diffusion.prediction_type')

@@ -159,13 +159,6 @@ def loss_per_example(predict: PredictFn, schedule: Schedule, x0: Array, t: Array
   return loss
 
 
-def sample_t_and_noise(rng: Array, x0: Array, num_timesteps: int):
-  """Uniform timesteps int32 [B] and standard normal noise like x0, from one key."""
-  t_rng, n_rng = jax.random.split(rng)
-  t = jax.random.randint(t_rng, (x0.shape[0],), 0, num_timesteps, dtype=jnp.int32)
-  return t, jax.random.normal(n_rng, x0.shape, x0.dtype)
-
-
 # --- variational bound ---------------------------------------------------------------------------
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

@@ -19,15 +19,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 from absl import logging
 import jax
 import numpy as np
 
-from diffusion_jax import (config_checks, diffusion, evaluation_metrics, images, input_pipeline,
-                           metric_logging, parallel, sampling)
-from diffusion_jax.models import inception
+from diffusion_jax import (config_checks, diffusion, files, generation, input_pipeline,
+                           metric_logging, parallel, task as task_lib)
+from diffusion_jax.metrics import feature_distances, inception, inception_weights
 
 REFERENCE_STATS = 'reference_stats.npz'  # mu, sigma: pytorch-fid's statistics format
 REFERENCE_FEATURES = 'reference_features.npy'  # float32 [N, 2048], for KID
@@ -37,121 +37,10 @@ REFERENCE_META = 'reference_meta.json'  # what the cache was computed from
 def _missing_weights_error() -> ValueError:
   return ValueError(
       'FID/KID need the FID Inception-v3 weights: set --config.eval.inception_path to '
-      f'pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth ({inception.FID_WEIGHTS_URL}; nothing '
-      'is downloaded at run time) or to a .npz converted from it with `python -m '
-      'diffusion_jax.models.inception --convert <in.pth> <out.npz>`. For bits/dim alone, set '
-      '--config.eval.bpd_num_examples=N instead.')
-
-
-# --- Inception features ----------------------------------------------------------------------
-
-def to_inception_input(x: np.ndarray) -> np.ndarray:
-  """float [N, H, W, C] in [-1, 1] (C = 1 or 3) -> float32 [N, H, W, 3] in [-1, 1].
-
-  Rounds to uint8 and back first, so the network sees exactly what pytorch-fid reads from
-  saved PNGs; grayscale is repeated to 3 channels, as PIL's convert('RGB') does.
-  """
-  x = input_pipeline.to_model_range(images.to_uint8(x))
-  if x.shape[-1] == 1:
-    x = np.repeat(x, 3, axis=-1)
-  return x
-
-
-def make_features_fn(inception_params, batch_size: int) -> Callable[[Iterator[np.ndarray]],
-                                                                     np.ndarray]:
-  """features(chunks) -> float64 [N, 2048] for an iterable of float [n, H, W, C] in [-1, 1].
-
-  Every call runs in batches of `batch_size` rounded up to a multiple of this process's device
-  count, split over those devices; the last batch is padded, so one shape compiles once.
-  """
-  local = parallel.create_mesh(jax.local_devices())
-  batch = -(-batch_size // local.size) * local.size
-  sharding = parallel.batch_sharding(local)
-  feature_fn = inception.make_feature_fn(inception_params)
-
-  def run(x: np.ndarray) -> np.ndarray:
-    n = len(x)
-    padded = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)]) if n < batch else x
-    return np.asarray(feature_fn(jax.device_put(padded, sharding)), np.float64)[:n]
-
-  def features(chunks) -> np.ndarray:
-    out, pending = [], []
-    for chunk in chunks:
-      pending.append(to_inception_input(chunk))
-      while sum(map(len, pending)) >= batch:
-        joined = np.concatenate(pending)
-        out.append(run(joined[:batch]))
-        pending = [joined[batch:]]
-    leftover = np.concatenate(pending) if pending else np.zeros((0,))
-    if len(leftover):
-      out.append(run(leftover))
-    if not out:
-      raise ValueError('no images to compute Inception features of.')
-    return np.concatenate(out)
-
-  return features
-
-
-# --- data ------------------------------------------------------------------------------------
-
-def _tf_images(config, splits: str, count: int, batch_size: int = 100) -> Iterator[np.ndarray]:
-  """The first `count` images of this host's share of a TFDS/folder source, in order:
-  float32 [n, S, S, C] in [-1, 1] chunks (with their labels)."""
-  ds = input_pipeline.tf_dataset(config, batch_size, splits=splits, train=False)
-  seen = 0
-  for batch in ds.as_numpy_iterator():
-    take = min(len(batch['x']), count - seen)
-    yield batch['x'][:take], batch['label'][:take]
-    seen += take
-    if seen >= count:
-      return
-  if seen < count:
-    raise ValueError(f'the data set ({splits!r}) has only {seen} images on this host, fewer than '
-                     f'the {count} asked for; lower --config.eval.num_reference or '
-                     '--config.eval.bpd_num_examples.')
-
-
-def _host_share(x: np.ndarray) -> np.ndarray:
-  return x[jax.process_index()::jax.process_count()]
-
-
-def reference_images(config, count: int) -> Iterator[np.ndarray]:
-  """This host's share of the first `count` training images: float32 chunks in [-1, 1]."""
-  if config.data.source in ('tfds', 'folder'):
-    for x, _ in _tf_images(config, config.data.splits, count // jax.process_count()):
-      yield x
-    return
-  x, _ = input_pipeline.load_in_memory(config)
-  if len(x) < count:
-    raise ValueError(f'eval.num_reference={count} but the {config.data.source} data set has '
-                     f'{len(x)} images; set --config.eval.num_reference={len(x)}.')
-  x = _host_share(x[:count])
-  for i in range(0, len(x), 500):
-    yield input_pipeline.to_model_range(x[i:i + 500])
-
-
-def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """This host's share of `count` held-out images (float32 in [-1, 1]) and int32 labels.
-
-  TFDS: data.eval_splits. In-memory sources: the last `count` examples (trained on as well:
-  these sources have no held-out split). Folder: the first `count` images of data.path.
-  """
-  source = config.data.source
-  if source in ('tfds', 'folder'):
-    if source == 'folder':
-      logging.info('data.source=folder has no held-out split: bits/dim uses the first %d images '
-                   'of data.path, which training saw.', count)
-    chunks = list(_tf_images(config, config.data.eval_splits if source == 'tfds' else '',
-                             count // jax.process_count()))
-    return (np.concatenate([c[0] for c in chunks]),
-            np.concatenate([c[1] for c in chunks]).astype(np.int32))
-  x, labels = input_pipeline.load_in_memory(config)
-  if len(x) < count:
-    raise ValueError(f'eval.bpd_num_examples={count} but the {source} data set has {len(x)} '
-                     f'images; set --config.eval.bpd_num_examples={len(x)}.')
-  labels = np.zeros(len(x), np.int32) if labels is None else labels
-  return (input_pipeline.to_model_range(_host_share(x[-count:])),
-          _host_share(labels[-count:]))
+      f'pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth ({inception_weights.FID_WEIGHTS_URL}; '
+      'nothing is downloaded at run time) or to a .npz converted from it with `python -m '
+      'diffusion_jax.metrics.inception_weights --convert <in.pth> <out.npz>`. For bits/dim alone, '
+      'set --config.eval.bpd_num_examples=N instead.')
 
 
 def _gather(features: np.ndarray) -> np.ndarray:
@@ -176,7 +65,7 @@ def reference_statistics(config, workdir: str, features_fn) -> tuple:
   in `<workdir>/eval/` if it was computed from the same data, else computed and cached.
   """
   if config.eval.reference_stats:
-    mu, sigma = evaluation_metrics.load_statistics(config.eval.reference_stats)
+    mu, sigma = feature_distances.load_statistics(config.eval.reference_stats)
     return mu, sigma, None
   out_dir = os.path.join(workdir, 'eval')
   meta_path = os.path.join(out_dir, REFERENCE_META)
@@ -186,44 +75,43 @@ def reference_statistics(config, workdir: str, features_fn) -> tuple:
     with open(meta_path) as f:
       if json.load(f) == meta:
         logging.info('Reference statistics from the cache in %s.', out_dir)
-        mu, sigma = evaluation_metrics.load_statistics(paths[0])
+        mu, sigma = feature_distances.load_statistics(paths[0])
         return mu, sigma, np.load(paths[1]).astype(np.float64)
   start = time.perf_counter()
-  feats = _gather(features_fn(reference_images(config, config.eval.num_reference)))
-  mu, sigma = evaluation_metrics.feature_statistics(feats)
+  feats = _gather(features_fn(input_pipeline.reference_images(config,
+                                                              config.eval.num_reference)))
+  mu, sigma = feature_distances.feature_statistics(feats)
   logging.info('Reference statistics of %d images in %.1f s.', len(feats),
                time.perf_counter() - start)
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    evaluation_metrics.save_statistics(paths[0], mu, sigma)
-    np.save(paths[1], feats.astype(np.float32))
-    with open(meta_path, 'w') as f:
-      json.dump(meta, f, indent=2)
+    files.write_atomically(paths[0], lambda tmp: feature_distances.save_statistics(tmp, mu, sigma))
+    files.write_atomically(paths[1], lambda tmp: np.save(tmp, feats.astype(np.float32)))
+    files.write_json(meta_path, meta)
   return mu, sigma, feats
 
 
 def sample_quality(config, task, mesh, params, workdir: str) -> dict:
   """FID (and KID when the reference features are known) of eval.num_samples samples."""
   ev = config.eval
-  inception_params = inception.load_inception_params(ev.inception_path)
-  features_fn = make_features_fn(inception_params, ev.inception_batch_size)
+  inception_params = inception_weights.load_inception_params(ev.inception_path)
+  features_fn = inception.make_features_fn(inception_params, ev.inception_batch_size)
   mu_ref, sigma_ref, ref_features = reference_statistics(config, workdir, features_fn)
 
-  generate = sampling.make_generate_fn(config, task, mesh)
+  generate = generation.make_generate_fn(config, task, mesh)
   start = time.perf_counter()
   # Every process generates (the sampler is one program over all devices) and gets all samples.
   x = generate(params, jax.random.PRNGKey(config.sampling.seed), ev.num_samples,
                log_progress=True)
   sample_seconds = time.perf_counter() - start
   feats = features_fn(x[i:i + 500] for i in range(0, len(x), 500))
-  mu, sigma = evaluation_metrics.feature_statistics(feats)
-  out = {'fid': evaluation_metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref),
+  mu, sigma = feature_distances.feature_statistics(feats)
+  out = {'fid': feature_distances.frechet_distance(mu, sigma, mu_ref, sigma_ref),
          'sample_seconds': sample_seconds}
   if ref_features is None:
     logging.info('eval.reference_stats holds statistics only: KID, which needs the reference '
                  'features, is skipped.')
   else:
-    out['kid'], out['kid_std'] = evaluation_metrics.kid(
+    out['kid'], out['kid_std'] = feature_distances.kid(
         feats, ref_features, num_subsets=ev.kid_num_subsets, subset_size=ev.kid_subset_size,
         rng=config.sampling.seed)
   return out
@@ -250,27 +138,26 @@ def make_bpd_fn(config, task, mesh) -> Callable:
 def bits_per_dim(config, task, mesh, params) -> float:
   """Mean bits/dim over eval.bpd_num_examples held-out images."""
   ev = config.eval
-  x, labels = held_out_images(config, ev.bpd_num_examples)
-  per_host = -(-min(ev.bpd_batch_size, ev.bpd_num_examples) // mesh.size) * mesh.size
+  x, labels = input_pipeline.held_out_images(config, ev.bpd_num_examples)
+  per_host = parallel.round_up(min(ev.bpd_batch_size, ev.bpd_num_examples), mesh.size)
   per_host //= jax.process_count()
   sharding = parallel.batch_sharding(mesh)
   bpd_fn = make_bpd_fn(config, task, mesh)
   rng = jax.random.PRNGKey(config.sampling.seed)
-  values, start = [], time.perf_counter()
+  num_batches = -(-len(x) // per_host)
+  progress = metric_logging.Progress(num_batches, items_per_step=per_host * jax.process_count(),
+                                     unit='batch', label='bits/dim')
+  values = []
   for i in range(0, len(x), per_host):
-    xb, lb = x[i:i + per_host], labels[i:i + per_host]
-    n = len(xb)
-    if n < per_host:  # pad with copies, so one shape compiles once; dropped below
-      xb = np.concatenate([xb, np.repeat(xb[-1:], per_host - n, axis=0)])
-      lb = np.concatenate([lb, np.repeat(lb[-1:], per_host - n, axis=0)])
-    batch = parallel.host_to_global({'x': xb, 'label': lb}, sharding)
+    real = {'x': x[i:i + per_host], 'label': labels[i:i + per_host]}
+    n = len(real['x'])
+    batch = parallel.host_to_global(parallel.pad_rows(real, per_host), sharding)
     out = np.asarray(jax.device_get(bpd_fn(params, batch['x'], batch['label'],
                                            jax.random.fold_in(rng, i))))
     # The global result concatenates every host's rows; this host's real ones come first in
     # its block, and each host pads the same way, so take every block's first n.
     values.append(out.reshape(jax.process_count(), per_host)[:, :n].ravel())
-    logging.info('bits/dim batch %d/%d, %.1f s elapsed', i // per_host + 1,
-                 -(-len(x) // per_host), time.perf_counter() - start)
+    progress.log(i // per_host + 1)
   values = np.concatenate(values)
   if not np.all(np.isfinite(values)):
     raise FloatingPointError('bits/dim is not finite; is the checkpoint healthy?')
@@ -284,7 +171,6 @@ def evaluate(config, workdir: str) -> dict:
 
   Returns the results, also written to `<workdir>/eval/results.json` and metrics.jsonl.
   """
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top  (train imports us)
   ev = config.eval
   if config.data.source == 'toy2d':
     raise ValueError('--mode=eval measures images (FID, bits/dim of 8-bit data); data.source='
@@ -299,9 +185,9 @@ def evaluate(config, workdir: str) -> dict:
                             f'{_missing_weights_error()}')
   mesh = parallel.create_mesh()
   config_checks.validate(config, mesh.size)
-  task = train.create_task(config)
+  task = task_lib.create_task(config)
   ckpt = config.sampling.checkpoint_step
-  params, step = sampling.restore_ema_params(config, task, mesh, workdir,
+  params, step = task_lib.restore_ema_params(config, task, mesh, workdir,
                                              None if ckpt < 0 else ckpt)
   results = {'step': step}
   if want_fid:
@@ -315,12 +201,7 @@ def evaluate(config, workdir: str) -> dict:
   logging.info('eval at step %d: %s', step, ', '.join(
       f'{k}={v:.6g}' for k, v in results.items() if k != 'step'))
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, 'eval')
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, 'results.json.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, 'results.json'))
+    files.write_json(os.path.join(workdir, 'eval', 'results.json'), results)
     writer = metric_logging.create_writer(workdir)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items() if k != 'step'})
     writer.flush()

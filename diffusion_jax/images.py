@@ -1,17 +1,25 @@
-"""Turning model outputs into pictures: uint8 conversion, grids, 2-D scatter plots, PNG files."""
+"""Pixels and pictures: uint8 <-> the model's [-1, 1], grids, 2-D scatter plots, PNG files,
+and the pictures of samples (`picture`, `trajectory_strip`) that previews, `--mode=sample` and the
+figures show."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from diffusion_jax import files
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
   """float [..., C] in [-1, 1] -> uint8 in [0, 255] (values outside are clipped)."""
   return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 [..., C] in [0, 255] -> float32 in [-1, 1]."""
+  return images.astype(np.float32) / 127.5 - 1.0
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1,
@@ -62,8 +70,33 @@ def hstack(images, pad: int = 2) -> np.ndarray:
 
 def save_png(image: np.ndarray, path: str) -> None:
   """Writes uint8 [H, W, C] (C = 1 or 3) atomically, so a reader never sees half a file."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image = np.asarray(image)
-  tmp = path + '.tmp'
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format='PNG')
-  os.replace(tmp, path)
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  files.write_atomically(path, lambda tmp: pil.save(tmp, format='PNG'))
+
+
+# --- pictures of samples -------------------------------------------------------------------------
+
+def picture(config, x: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, C]: a scatter plot of points, or a grid of images (small ones enlarged).
+
+  x: float32 samples [n, ...] as the generator returns them (points [n, 2], or images in [-1, 1]).
+  """
+  if config.data.source == 'toy2d':
+    return scatter(x)
+  scale = max(1, 64 // config.data.image_size)
+  return make_grid(to_uint8(x), scale=scale, pad=max(1, scale // 2))
+
+
+def trajectory_strip(config, traj: np.ndarray, num_frames: int = 10) -> np.ndarray:
+  """uint8 strip of `num_frames` evenly spaced steps from x_T to x_0, one row per sample.
+
+  traj: float32 [S + 1, n, ...].
+  """
+  idx = np.unique(np.linspace(0, traj.shape[0] - 1, num_frames).round().astype(int))
+  if config.data.source == 'toy2d':
+    return hstack([scatter(traj[i], size=256, lim=4.0) for i in idx])
+  frames = to_uint8(traj[idx])  # [F, n, H, W, C]
+  f, n = frames.shape[:2]
+  rows = frames.transpose(1, 0, 2, 3, 4).reshape((n * f,) + frames.shape[2:])
+  return make_grid(rows, ncols=f, scale=max(1, 64 // config.data.image_size))

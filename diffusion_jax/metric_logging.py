@@ -1,4 +1,5 @@
-"""Metric writers: stdout, `<workdir>/metrics.jsonl`, and TensorBoard when TensorFlow is there.
+"""Metric writers (stdout, `<workdir>/metrics.jsonl`, TensorBoard when TensorFlow is there), and
+the progress report (rate and time left) that training, sampling and evaluation all log.
 
 Only process 0 writes files; the others log to their own stdout.
 metrics.jsonl holds one JSON object per write, {"step": N, name: value, ...}, with values at
@@ -10,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import time
 
 from absl import logging
 import jax
@@ -108,3 +110,44 @@ def create_writer(workdir: str):
   os.makedirs(workdir, exist_ok=True)
   jsonl = JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
   return MultiWriter([jsonl, BackgroundWriter(lambda: _tensorboard_writer(workdir))])
+
+
+class Progress:
+  """Rate and time left of a long loop (train steps, sampling or bits/dim batches), measured
+  between two calls of `update`.
+
+  Args:
+    total: the count the loop runs to (steps or batches).
+    start: where it starts (a resumed run's step).
+    items_per_step: examples per step or batch, for the images/s rate.
+    unit: what one step is called in the log line ('step', 'batch').
+    label: what the loop does, first in the log line ('sampling', 'bits/dim'; '' for none).
+  """
+  _PLURALS = {'batch': 'batches'}
+
+  def __init__(self, total: int, *, start: int = 0, items_per_step: int = 1,
+               unit: str = 'step', label: str = ''):
+    self.total, self.items_per_step = total, items_per_step
+    self.unit, self.label = unit, label
+    self.last_done, self.last_time = start, time.perf_counter()
+
+  def update(self, done: int) -> dict:
+    """{'steps_per_sec', 'images_per_sec', 'eta_min'} since the previous update."""
+    now = time.perf_counter()
+    rate = (done - self.last_done) / max(now - self.last_time, 1e-9)
+    self.last_done, self.last_time = done, now
+    return {'steps_per_sec': rate, 'images_per_sec': rate * self.items_per_step,
+            'eta_min': (self.total - done) / max(rate, 1e-9) / 60.0}
+
+  def line(self, done: int, rates: dict, extra: str = '') -> str:
+    """'[label ]<unit> done/total  [extra  ]r <units>/s  r img/s  ETA m min', for the log."""
+    units = self._PLURALS.get(self.unit, self.unit + 's')
+    return (f'{self.label + " " if self.label else ""}{self.unit} {done}/{self.total}  '
+            f'{extra + "  " if extra else ""}{rates["steps_per_sec"]:.2f} {units}/s  '
+            f'{rates["images_per_sec"]:.1f} img/s  ETA {rates["eta_min"]:.1f} min')
+
+  def log(self, done: int, extra: str = '') -> dict:
+    """`update`, and its line to the log; returns the rates."""
+    rates = self.update(done)
+    logging.info('%s', self.line(done, rates, extra))
+    return rates

@@ -36,9 +36,20 @@ def host_to_global(local_batch, sharding: NamedSharding):
                       local_batch)
 
 
-def replicate(tree, mesh: Mesh):
-  """Places a pytree of host or device arrays, replicated over the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n: a batch rounded up to a whole number of
+  examples per device (or per process)."""
+  return -(-n // multiple) * multiple
+
+
+def pad_rows(tree, size: int):
+  """Every array of `tree` ([n, ...] NumPy, the same n) padded on axis 0 to `size` rows with
+  copies of its last row, so that one shape compiles once; callers drop the results of the
+  padding rows (the first n are the real ones)."""
+  def pad(x):
+    n = len(x)
+    return x if n >= size else np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
+  return jax.tree.map(pad, tree)
 
 
 def data_parallel(per_device_fn: Callable, mesh: Mesh, *, leading_axes: int = 0,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import diffusion
 from diffusion_jax.schedules import Schedule
 
 Array = jnp.ndarray
@@ -107,7 +108,7 @@ def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Arr
     i, t, c_x0, c_xt, sigma = inputs
     t_vec = jnp.full((batch,), t, jnp.int32)
     eps = eps_fn(x, t_vec).astype(jnp.float32)
-    x0 = (x - schedule.sqrt_one_minus_alphas_cumprod[t] * eps) / schedule.sqrt_alphas_cumprod[t]
+    x0 = diffusion.x0_from_eps(schedule, x, t_vec, eps)
     if clip_x0:
       bound = 1.0 if clip_x0 is True else float(clip_x0)
       x0 = jnp.clip(x0, -bound, bound)
@@ -122,7 +123,8 @@ def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Arr
 
 
 def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, *,
-                clip_x0: bool | float = True, variance: str = 'small', return_trajectory: bool = False):
+                clip_x0: bool | float = True, variance: str = 'small',
+                return_trajectory: bool = False):
   """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2)."""
   return run_reverse(eps_fn, schedule, ddpm_steps(schedule, variance), x_T, rng,
                      clip_x0=clip_x0, return_trajectory=return_trajectory)
@@ -134,14 +136,3 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, *, nu
   """DDIM (Song et al. 2020) over `num_steps` timesteps; eta=0 is deterministic given x_T."""
   return run_reverse(eps_fn, schedule, ddim_steps(schedule, num_steps, eta, spacing), x_T, rng,
                      clip_x0=clip_x0, return_trajectory=return_trajectory)
-
-
-def guided_eps_fn(cond_eps_fn: EpsFn, uncond_eps_fn: EpsFn, scale: float) -> EpsFn:
-  """Classifier-free guidance (Ho & Salimans 2022): eps_u + scale * (eps_c - eps_u).
-
-  scale = 1 gives the conditional model; 0 the unconditional one.
-  """
-  def eps_fn(x_t, t):
-    eps_c, eps_u = cond_eps_fn(x_t, t), uncond_eps_fn(x_t, t)
-    return eps_u + scale * (eps_c - eps_u)
-  return eps_fn

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import config_checks, input_pipeline, parallel, train
+from diffusion_jax import task as task_lib
 from diffusion_jax.models.layers import AttentionBlock, ResBlock
 
 
@@ -25,7 +26,7 @@ def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32) if info.num_classes else None
 
   def run(x, t, labels):
-    params = train.init_params(task.model, info, jax.random.PRNGKey(0))
+    params = task_lib.init_params(task.model, info, jax.random.PRNGKey(0))
     _, state = task.model.apply(
         {'params': params}, x, t, labels, train=False, mutable=['intermediates'],
         capture_intermediates=lambda mdl, name: (name == '__call__' and
@@ -42,7 +43,7 @@ def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
 
 def train_step_flops(config, task, mesh) -> float:
   """XLA's FLOP count of one compiled train step on the global batch (all devices)."""
-  state = train.abstract_train_state(config, task, mesh)
+  state = task_lib.abstract_train_state(config, task, mesh)
   batch = input_pipeline.abstract_batch(config, mesh)
   compiled = train.make_train_step(config, task, mesh).lower(state, batch).compile()
   return compiled_flops(compiled, mesh.size) / config.training.steps_per_call
@@ -59,8 +60,9 @@ def summarize(config) -> dict:
   """Prints and returns params, activation shapes and FLOPs per image of a train step."""
   mesh = parallel.create_mesh()
   config_checks.validate(config, mesh.size)
-  task = train.create_task(config)
-  params = jax.eval_shape(lambda: train.init_params(task.model, task.info, jax.random.PRNGKey(0)))
+  task = task_lib.create_task(config)
+  params = jax.eval_shape(
+      lambda: task_lib.init_params(task.model, task.info, jax.random.PRNGKey(0)))
   n_params = parameter_count(params)
   shapes = activation_shapes(task)
   flops = train_step_flops(config, task, mesh)

@@ -1,9 +1,10 @@
-"""Training: TrainState with EMA, the data-parallel train step, and the training loop.
+"""`--mode=train`: the data-parallel train step and the training loop.
 
-Importable from a notebook: `create_train_state`, `train_step` and `train_and_evaluate` are plain
-functions of a config. The train step is written per device (the loss is the `lax.pmean`
-over 'data' of each device's mean, so the gradient of the replicated parameters is the global
-batch's) and mapped over every device with jit(shard_map).
+Importable from a notebook: `train_step` and `train_and_evaluate` are plain functions of a config
+and of the `task.Task` built from it (`task.create_train_state` gives the initial state). The
+train step is written per device (the loss is the `lax.pmean` over 'data' of each device's mean,
+so the gradient of the replicated parameters is the global batch's) and mapped over every
+device with jit(shard_map).
 
 Random numbers: each example's timestep and noise come from the state key folded with the step
 and with the example's index in the global batch, so devices never share noise and the losses
@@ -15,104 +16,16 @@ from __future__ import annotations
 
 import functools
 import os
-import time
-from typing import Any, NamedTuple
 
 from absl import logging
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import (checkpointing, config_checks, diffusion, images, input_pipeline,
-                           metric_logging, models, parallel, sampling, schedules)
-
-
-class TrainState(flax.struct.PyTreeNode):
-  step: jnp.ndarray  # int32 scalar: optimizer steps taken
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  rng: jnp.ndarray  # uint32 [2]: the root key of all training noise
-
-
-class Task(NamedTuple):
-  """The experiment's moving parts, built from a config."""
-  model: Any  # flax module: (x, t, labels, train=) -> prediction
-  schedule: schedules.Schedule
-  tx: optax.GradientTransformation
-  learning_rate: optax.Schedule
-  info: input_pipeline.DataInfo
-
-
-def learning_rate_schedule(tc) -> optax.Schedule:
-  """Linear warm-up to training.learning_rate, then constant or cosine decay to 0."""
-  if tc.lr_schedule == 'cosine':
-    after = optax.cosine_decay_schedule(tc.learning_rate, max(tc.num_steps - tc.warmup_steps, 1))
-  else:
-    after = optax.constant_schedule(tc.learning_rate)
-  if not tc.warmup_steps:
-    return after
-  warmup = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
-  return optax.join_schedules([warmup, after], [tc.warmup_steps])
-
-
-def create_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with the config's betas, eps and weight decay, after global-norm clipping."""
-  lr = learning_rate_schedule(tc)
-  adamw = optax.adamw(lr, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay)
-  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip else adamw
-  return tx, lr
-
-
-def ema_decay(tc, step: jnp.ndarray) -> jnp.ndarray:
-  """The EMA decay at `step`: ramped as min(decay, (1 + step) / (10 + step)) if asked, because
-  at 0.9999 an un-ramped average is dominated by the random initialisation for ~10^4 steps."""
-  if not tc.ema_warmup:
-    return jnp.asarray(tc.ema_decay, jnp.float32)
-  step = step.astype(jnp.float32)
-  return jnp.minimum(tc.ema_decay, (1.0 + step) / (10.0 + step))
-
-
-def create_task(config) -> Task:
-  info = input_pipeline.data_info(config)
-  tx, lr = create_optimizer(config.training)
-  return Task(models.create_model(config.model, info.num_classes),
-              schedules.from_config(config.diffusion), tx, lr, info)
-
-
-def init_params(model, info: input_pipeline.DataInfo, rng: jnp.ndarray):
-  x = jnp.zeros((1,) + tuple(info.shape), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  labels = jnp.zeros((1,), jnp.int32) if info.num_classes else None
-  return model.init({'params': rng}, x, t, labels, train=False)['params']
-
-
-def init_train_state(config, task: Task) -> TrainState:
-  """A fresh TrainState (a pure function of training.seed: every process derives the same)."""
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.training.seed))
-  params = init_params(task.model, task.info, init_rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.tx.init(params),
-                    ema_params=params, rng=train_rng)
-
-
-# init_train_state runs once, and on CPU most of its compile time is LLVM optimising the
-# initialisers' random-number code: without those passes the digits config starts 6 s sooner.
-_INIT_COMPILER_OPTIONS = {'cpu': {'xla_backend_optimization_level': 0}}
-
-
-def create_train_state(config, task: Task, mesh=None) -> TrainState:
-  """`init_train_state`, computed on the devices and replicated over `mesh` when one is given."""
-  out = parallel.replicated(mesh) if mesh is not None else None
-  lowered = jax.jit(functools.partial(init_train_state, config, task), out_shardings=out).lower()
-  return lowered.compile(_INIT_COMPILER_OPTIONS.get(jax.default_backend()))()
-
-
-def abstract_train_state(config, task: Task, mesh) -> TrainState:
-  """Shapes and shardings of the TrainState, without allocating it (for restores)."""
-  shapes = jax.eval_shape(functools.partial(init_train_state, config, task))
-  return checkpointing.abstract_like(shapes, parallel.replicated(mesh))
+from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
+                           input_pipeline, metric_logging, parallel, task as task_lib)
+from diffusion_jax.task import Task, TrainState
 
 
 def _example_keys(step_key: jnp.ndarray, local_batch: int) -> jnp.ndarray:
@@ -158,7 +71,7 @@ def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[T
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(tc, state.step))
+  ema = task_lib.update_ema(tc, state.ema_params, params, state.step)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': task.learning_rate(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -197,24 +110,7 @@ def _any_process(flag: bool) -> bool:
 
 def _write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-
-class _Progress:
-  """steps/s, images/s and ETA between two log points."""
-
-  def __init__(self, start_step: int, total: int, batch_size: int):
-    self.total, self.batch_size = total, batch_size
-    self.last_step, self.last_time = start_step, time.perf_counter()
-
-  def update(self, step: int) -> dict:
-    now = time.perf_counter()
-    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    return {'steps_per_sec': rate, 'images_per_sec': rate * self.batch_size,
-            'eta_min': (self.total - step) / max(rate, 1e-9) / 60.0}
+    files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
 
 def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
@@ -231,9 +127,9 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
   tc = config.training
   _write_config(config, workdir)
   writer = writer or metric_logging.create_writer(workdir)
-  task = create_task(config)
+  task = task_lib.create_task(config)
   manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints)
-  state = checkpointing.restore_or_keep(manager, create_train_state(config, task, mesh))
+  state = checkpointing.restore_or_keep(manager, task_lib.create_train_state(config, task, mesh))
   step = int(state.step)
   if step:
     logging.info('Resumed from the checkpoint at step %d.', step)
@@ -244,8 +140,9 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
 
   batches = input_pipeline.create_iterator(config, mesh, start_step=step)
   p_train_step = make_train_step(config, task, mesh)
-  preview = sampling.make_generate_fn(config, task, mesh, num_steps=config.sampling.preview_steps)
-  progress = _Progress(step, tc.num_steps, tc.batch_size)
+  preview = generation.make_generate_fn(config, task, mesh,
+                                        num_steps=config.sampling.preview_steps)
+  progress = metric_logging.Progress(tc.num_steps, start=step, items_per_step=tc.batch_size)
   k = tc.steps_per_call
   pending = []  # device-side metrics since the last log: no host sync per step
 
@@ -279,11 +176,8 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
         stop = log_now and _any_process(stop)
       if log_now or last or stop:
         summary = {name: float(v.mean()) for name, v in fetch_checked().items()}
-        summary.update(progress.update(step))
+        summary.update(progress.log(step, extra=f'loss {summary["loss"]:.5f}'))
         writer.write_scalars(step, summary)
-        logging.info('step %d/%d  loss %.5f  %.2f steps/s  %.1f img/s  ETA %.1f min', step,
-                     tc.num_steps, summary['loss'], summary['steps_per_sec'],
-                     summary['images_per_sec'], summary['eta_min'])
       if _crossed(step, k, tc.sample_every) or (last and tc.sample_every):
         write_preview(config, preview, state.ema_params, step, workdir, writer)
       if _crossed(step, k, tc.checkpoint_every) or last or stop:
@@ -303,7 +197,7 @@ def write_preview(config, generate, params, step: int, workdir: str, writer) -> 
   """A grid (images) or scatter (points) of EMA samples, to a PNG and TensorBoard."""
   rng = jax.random.PRNGKey(config.sampling.seed)
   x = generate(params, rng, config.sampling.preview_samples)
-  picture = sampling.picture(config, x)
+  picture = images.picture(config, x)
   if jax.process_index() == 0:
     images.save_png(picture, os.path.join(workdir, 'samples', f'train_{step:08d}.png'))
     writer.write_images(step, {'samples': picture[None]})

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from diffusion_jax import input_pipeline, parallel, sampling, summary, train
+from diffusion_jax import generation, input_pipeline, parallel, summary, train
+from diffusion_jax import task as task_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 config_flags.DEFINE_config_file('config', os.path.join(_ROOT, 'configs', 'bench.py'),
@@ -149,8 +150,8 @@ class JaxBench:
 
   def __init__(self, config, mesh, images: np.ndarray):
     self.config, self.mesh = config, mesh
-    self.task = task = train.create_task(config)
-    self.state = train.create_train_state(config, task, mesh)
+    self.task = task = task_lib.create_task(config)
+    self.state = task_lib.create_train_state(config, task, mesh)
     b = config.training.batch_size
     self.batch = parallel.host_to_global(
         {'x': images, 'label': np.zeros((b,), np.int32)}, parallel.batch_sharding(mesh))
@@ -168,7 +169,7 @@ class JaxBench:
     self.apply = apply.lower(self.state.params, self.x_t, self.t).compile()
     self.forward_compile_s = time.perf_counter() - start
     self.forward_flops = summary.compiled_flops(self.apply)
-    self.generate = sampling.make_generate_fn(config, task, mesh, num_steps=DDIM_STEPS)
+    self.generate = generation.make_generate_fn(config, task, mesh, num_steps=DDIM_STEPS)
     self.num_params = summary.parameter_count(self.state.params)
 
   def step(self) -> None:

@@ -32,7 +32,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import diffusion, images, input_pipeline, schedules
+from diffusion_jax import diffusion, images, schedules, sources
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SCHEDULES = (('linear', 'linear (DDPM)'), ('cosine', 'cosine (improved DDPM)'),
@@ -76,13 +76,13 @@ def load_image(image: str | None, index: int = 0, size: int | None = None) -> np
   size: center-crop and resize to a square of this side (None keeps the image as it is).
   """
   if not image:
-    x = input_pipeline.digits_images()[0][index]
+    x = sources.digits_images()[0][index]
   elif image.endswith('.npz'):
-    x = input_pipeline.load_npz(image)[0][index]
+    x = sources.load_npz(image)[0][index]
   else:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     x = np.asarray(Image.open(image).convert('RGB'))
-  return input_pipeline.center_crop_resize(x, size) if size else x
+  return sources.center_crop_resize(x, size) if size else x
 
 
 def _show(ax, image_uint8: np.ndarray, title: str) -> None:
@@ -99,7 +99,7 @@ def forward_figure(path: str, image: np.ndarray, *, schedule: str = 'cosine',
   """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps of one uint8 image [H, W, C], one noise draw."""
   sched = schedules.Schedule.from_betas(schedules.get_betas(schedule, num_timesteps))
   times = [t for t in times if t < num_timesteps] if times else default_times(num_timesteps)
-  x0 = np.repeat(input_pipeline.to_model_range(image)[None], len(times), axis=0)
+  x0 = np.repeat(images.to_model_range(image)[None], len(times), axis=0)
   noise = np.broadcast_to(np.random.default_rng(seed).standard_normal(image.shape),
                           x0.shape).astype(np.float32)
   x_t = np.asarray(diffusion.q_sample(sched, x0, np.asarray(times, np.int32), noise))
@@ -113,13 +113,13 @@ def forward_figure(path: str, image: np.ndarray, *, schedule: str = 'cosine',
 def _restore(workdir: str, config_file: str | None, num_steps: int | None):
   """(config, task, mesh, EMA params, step) of a trained run."""
   # pylint: disable-next=g-import-not-at-top
-  from diffusion_jax import parallel, run_config, sampling, train
+  from diffusion_jax import parallel, run_config, task as task_lib
   config = run_config.load_config(workdir, config_file)
   if num_steps:
     config.sampling.num_steps = num_steps
   mesh = parallel.create_mesh()
-  task = train.create_task(config)
-  params, step = sampling.restore_ema_params(config, task, mesh, workdir)
+  task = task_lib.create_task(config)
+  params, step = task_lib.restore_ema_params(config, task, mesh, workdir)
   return config, task, mesh, params, step
 
 
@@ -127,9 +127,9 @@ def _trajectory(workdir: str, config_file: str | None, num_steps: int | None, n:
                 seed: int):
   """(config, step, trajectory float32 [S + 1, n, ...]) of n samples from x_T to x_0."""
   import jax  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import generation  # pylint: disable=g-import-not-at-top
   config, task, mesh, params, step = _restore(workdir, config_file, num_steps)
-  generate = sampling.make_generate_fn(config, task, mesh, return_trajectory=True)
+  generate = generation.make_generate_fn(config, task, mesh, return_trajectory=True)
   _, traj = generate(params, jax.random.PRNGKey(seed), n)
   return config, step, traj
 
@@ -138,11 +138,10 @@ def reverse_figure(path: str, workdir: str, *, config_file: str | None = None,
                    num_steps: int | None = None, num_samples: int = 4,
                    num_frames: int = 10, seed: int = 0) -> str:
   """The sampler's x_T -> x_0 strip of `num_samples` images, one row each."""
-  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
   config, step, traj = _trajectory(workdir, config_file, num_steps, num_samples, seed)
   if config.data.source == 'toy2d':
     raise ValueError(f'{workdir} holds a toy2d run: use the `toy` command for points.')
-  strip = sampling.trajectory_strip(config, traj, num_frames)
+  strip = images.trajectory_strip(config, traj, num_frames)
   fig, ax = plt.subplots(figsize=(min(16, 1.4 * num_frames), 1.5 * num_samples + 0.6))
   _show(ax, strip, f'reverse process x_T -> x_0 ({config.sampling.sampler}, step {step})')
   return _save(fig, path)
@@ -213,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument('--num_steps', type=int, default=0, help='sampler steps (0: the config\'s)')
   sub.choices['reverse'].add_argument('--num_samples', type=int, default=4)
   sub.choices['toy'].add_argument('--name', default='swiss_roll',
-                                  choices=input_pipeline.TOY_DATASETS,
+                                  choices=sources.TOY_DATASETS,
                                   help='data without --workdir (else the run\'s)')
   for p in sub.choices.values():
     p.add_argument('--out', default='figures', help='output folder')
@@ -238,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
       config = run_config.load_config(args.workdir, args.config)
       name, schedule = config.data.name, config.diffusion.schedule
       num_timesteps = config.diffusion.num_timesteps
-    points = input_pipeline.toy_points(name, 2000, args.seed)
+    points = sources.toy_points(name, 2000, args.seed)
     paths = [toy_forward_figure(out('toy_forward.png'), points, schedule=schedule,
                                 num_timesteps=num_timesteps, seed=args.seed, name=name)]
     if args.workdir:

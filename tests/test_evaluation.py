@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from diffusion_jax import evaluation, evaluation_metrics, metric_logging, train
-from diffusion_jax.models import inception
+from diffusion_jax import evaluation, metric_logging, train
+from diffusion_jax.metrics import inception, inception_weights
 from tests.conftest import tiny_image_config
 from tests.test_train import ListWriter
 
@@ -33,9 +33,9 @@ def inception_npz(tmp_path_factory):
   rng = np.random.default_rng(0)
   flat = {k: (np.zeros(s, np.float32) if k.endswith('bias') else
               (rng.normal(size=s) / np.sqrt(np.prod(s[:-1]))).astype(np.float32))
-          for k, s in inception.flax_param_shapes().items()}
+          for k, s in inception_weights.flax_param_shapes().items()}
   path = str(tmp_path_factory.mktemp('inception') / 'inception.npz')
-  inception.save_params_npz(path, traverse_util.unflatten_dict(flat, sep='/'))
+  inception_weights.save_params_npz(path, traverse_util.unflatten_dict(flat, sep='/'))
   return path
 
 
@@ -78,7 +78,7 @@ def test_missing_weights_name_the_setting(trained, tmp_path):
   config, workdir = trained
   with pytest.raises(ValueError, match='--config.eval.inception_path') as info:
     evaluation.evaluate(config, workdir)
-  assert inception.FID_WEIGHTS_URL in str(info.value)
+  assert inception_weights.FID_WEIGHTS_URL in str(info.value)
   config = config.copy_and_resolve_references()
   config.eval.inception_path = str(tmp_path / 'nowhere.pth')
   with pytest.raises(FileNotFoundError, match='--config.eval.inception_path'):
@@ -87,7 +87,7 @@ def test_missing_weights_name_the_setting(trained, tmp_path):
 
 def test_grayscale_goes_through_uint8_to_rgb():
   x = np.linspace(-1, 1, 2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.float32)
-  y = evaluation.to_inception_input(x)
+  y = inception.to_inception_input(x)
   assert y.shape == (2, 4, 4, 3) and y.dtype == np.float32
   np.testing.assert_array_equal(y[..., 0], y[..., 2])
   np.testing.assert_allclose((y + 1) * 127.5, np.round((y + 1) * 127.5), atol=1e-4)

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from diffusion_jax.models import inception
-from diffusion_jax.models.inception import (FID_WEIGHTS_URL, InceptionV3, load_inception_params,
-                                            make_feature_fn, resize_bilinear, save_params_npz,
-                                            state_dict_to_params, torch_state_dict_shapes)
-from diffusion_jax.models.torch_checkpoint import (LEGACY_MAGIC, LEGACY_PROTOCOL,
-                                                   read_torch_state_dict)
+from diffusion_jax.metrics import inception_weights
+from diffusion_jax.metrics.inception import InceptionV3, make_feature_fn, resize_bilinear
+from diffusion_jax.metrics.inception_weights import (FID_WEIGHTS_URL, load_inception_params,
+                                                     save_params_npz, state_dict_to_params,
+                                                     torch_state_dict_shapes)
+from diffusion_jax.metrics.torch_checkpoint import (LEGACY_MAGIC, LEGACY_PROTOCOL,
+                                                    read_torch_state_dict)
 
 # ---- torch.save, written by hand --------------------------------------------------------------
 
@@ -184,9 +185,9 @@ def test_resize_matches_torch_bilinear(height, width):
 # ---- the state_dict <-> param tree mapping -------------------------------------------------------
 
 def test_architecture_table_matches_flax_init(init_shapes):
-  from_table = {k: (s, np.dtype(np.float32)) for k, s in inception.flax_param_shapes().items()}
+  from_table = {k: (s, np.dtype(np.float32)) for k, s in inception_weights.flax_param_shapes().items()}
   assert _flat_shapes(init_shapes['params']) == from_table
-  assert len(inception.conv_layers()) == 94
+  assert len(inception_weights.conv_layers()) == 94
 
 
 def test_full_fake_state_dict_loads_into_exactly_the_init_tree(init_shapes):
@@ -280,7 +281,7 @@ def test_loads_pth_and_npz_to_the_same_params(fake_pth, tmp_path):
   assert flat.keys() == expected.keys()
   for key in expected:
     np.testing.assert_array_equal(flat[key], expected[key])
-  inception.main(['--convert', str(path), str(tmp_path / 'w.npz'), '--skip-sha256'])
+  inception_weights.main(['--convert', str(path), str(tmp_path / 'w.npz'), '--skip-sha256'])
   from_npz = traverse_util.flatten_dict(load_inception_params(tmp_path / 'w.npz'), sep='/')
   for key in expected:
     np.testing.assert_array_equal(from_npz[key], expected[key])

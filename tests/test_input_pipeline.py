@@ -1,6 +1,5 @@
 """Input pipeline: every source, preprocessing, sharding, determinism, the offline TFDS error."""
 
-import os
 import time
 
 import jax
@@ -9,7 +8,7 @@ from PIL import Image
 import pytest
 from sklearn import datasets
 
-from diffusion_jax import input_pipeline, parallel
+from diffusion_jax import input_pipeline, parallel, sources
 from tests.conftest import tiny_image_config, tiny_toy_config
 
 
@@ -36,7 +35,7 @@ def test_npz_source_crops_resizes_and_shards(tmp_path):
 
 def test_center_crop_resize_matches_pil_reference():
   image = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-  out = input_pipeline.center_crop_resize(image, 10)
+  out = sources.center_crop_resize(image, 10)
   want = np.asarray(Image.fromarray(image[:, 5:35]).resize((10, 10), Image.BILINEAR,
                                                            reducing_gap=None))
   np.testing.assert_array_equal(out, want)
@@ -45,8 +44,8 @@ def test_center_crop_resize_matches_pil_reference():
 def test_tf_preprocessing_agrees_with_numpy_path():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   image = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-  ours = input_pipeline.center_crop_resize(image, 16).astype(int)
-  tf_out = input_pipeline._tf_preprocess(tf, tf.constant(image), 16).numpy().astype(int)
+  ours = sources.center_crop_resize(image, 16).astype(int)
+  tf_out = sources.tf_center_crop_resize(tf, tf.constant(image), 16).numpy().astype(int)
   assert np.abs(ours - tf_out).mean() < 4.0  # both antialiased bilinear; kernels differ slightly
 
 
@@ -73,16 +72,16 @@ def test_missing_folder_names_the_setting():
 
 
 def test_digits_are_scaled_from_0_16():
-  images, labels = input_pipeline.digits_images()
+  images, labels = sources.digits_images()
   raw = datasets.load_digits()
   assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
   np.testing.assert_array_equal(images[..., 0], np.round(raw.images * 255 / 16).astype(np.uint8))
   np.testing.assert_array_equal(labels, raw.target)
 
 
-@pytest.mark.parametrize('name', input_pipeline.TOY_DATASETS)
+@pytest.mark.parametrize('name', sources.TOY_DATASETS)
 def test_toy_data_in_their_own_coordinates(name):
-  pts = input_pipeline.toy_points(name, 500, seed=0)
+  pts = sources.toy_points(name, 500, seed=0)
   if name == 'swiss_roll':
     want = datasets.make_swiss_roll(500, noise=0.5, random_state=0)[0][:, [0, 2]] / 10
   elif name == 'moons':
@@ -112,7 +111,7 @@ def test_steps_per_call_stacks_batches():
 
 
 def test_tfds_without_data_or_network_fails_at_once(tmp_path, monkeypatch):
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda *a, **k: False)
+  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: False)
   config = tiny_image_config('tfds', channels=3)
   config.data.name = 'oxford_flowers102'
   config.data.data_dir = str(tmp_path)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from tests.conftest import tiny_image_config, tiny_toy_config
 
@@ -21,7 +20,7 @@ def launch(*args, devices=1, timeout=600):
   return proc.stdout + proc.stderr
 
 
-def overrides(config, prefix=''):
+def overrides(config):
   """--config.x.y=v flags that turn a shipped config into the given tiny one."""
   flags = []
   for group in ('data', 'model', 'diffusion', 'training', 'sampling'):

@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, metric_logging, parallel, train
+from diffusion_jax import checkpointing, metric_logging, parallel
+from diffusion_jax import task as task_lib
 from tests.conftest import tiny_toy_config
 from tests.test_launch import ROOT, launch, overrides
 
@@ -78,11 +79,11 @@ def launch_processes(flags: list[str], *, num_processes: int, devices_per_proces
                            f'{TIMEOUT_S} s)\n{text}')
 
 
-def restore(config, workdir: str, mesh) -> train.TrainState:
+def restore(config, workdir: str, mesh) -> task_lib.TrainState:
   manager = checkpointing.create_manager(workdir, read_only=True)
   try:
-    task = train.create_task(config)
-    return checkpointing.restore(manager, train.abstract_train_state(config, task, mesh))
+    task = task_lib.create_task(config)
+    return checkpointing.restore(manager, task_lib.abstract_train_state(config, task, mesh))
   finally:
     manager.close()
 

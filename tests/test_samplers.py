@@ -120,15 +120,6 @@ def test_trajectory_and_clipping():
   assert float(jnp.abs(x0).max()) <= 1.0 + 1e-6  # the last step returns the clipped x0_hat
 
 
-def test_guidance_combines_predictions():
-  cond = lambda x, t: jnp.ones_like(x)
-  uncond = lambda x, t: jnp.zeros_like(x)
-  x = jnp.zeros((2, 2))
-  t = jnp.zeros((2,), jnp.int32)
-  np.testing.assert_allclose(samplers.guided_eps_fn(cond, uncond, 3.0)(x, t), 3.0)
-  np.testing.assert_allclose(samplers.guided_eps_fn(cond, uncond, 0.0)(x, t), 0.0)
-
-
 def test_bad_settings_name_the_field():
   with pytest.raises(ValueError, match='sampling.num_steps'):
     samplers.ddim_timesteps(1000, 0)

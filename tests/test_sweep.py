@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments import sweep
+from experiments.sweeping import expansion, local, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_SWEEP = os.path.join(ROOT, 'experiments', 'sweeps', 'toy2d_small.py')
@@ -27,7 +27,7 @@ def cli(*args, timeout=120):
 
 
 def test_flowers_sweep_is_the_product_with_unique_safe_names():
-  s = sweep.load_sweep(FLOWERS_SWEEP)
+  s = expansion.load_sweep(FLOWERS_SWEEP)
   assert s.config == os.path.join(ROOT, 'configs', 'flowers.py')
   assert len(s.trials) == 3 * 2 * 3
   names = [t.name for t in s.trials]
@@ -41,27 +41,27 @@ def test_flowers_sweep_is_the_product_with_unique_safe_names():
 
 def test_trial_names_are_unique_and_safe_in_awkward_cases():
   # Same last key part in two groups: the full keys tell them apart.
-  assert sweep.trial_names([{'data.name': 'moons', 'model.num_layers': 2}]) == [
+  assert expansion.trial_names([{'data.name': 'moons', 'model.num_layers': 2}]) == [
       'name=moons,num_layers=2']
-  names = sweep.trial_names([{'data.name': 'a', 'other.name': 'b'}, {'data.name': 'c'}])
+  names = expansion.trial_names([{'data.name': 'a', 'other.name': 'b'}, {'data.name': 'c'}])
   assert names == ['data.name=a,other.name=b', 'data.name=c']
   # Slashes, spaces and tuples become safe characters; no overrides is 'base'.
-  names = sweep.trial_names([{'data.path': '/data/my flowers.npz'},
+  names = expansion.trial_names([{'data.path': '/data/my flowers.npz'},
                              {'model.channel_mult': (1, 2, 2)}, {}])
   assert names == ['path=_data_my_flowers.npz', 'channel_mult=1-2-2', 'base']
   # Values that only differ in unsafe characters still get distinct names.
-  names = sweep.trial_names([{'data.path': 'a/b'}, {'data.path': 'a b'}])
+  names = expansion.trial_names([{'data.path': 'a/b'}, {'data.path': 'a b'}])
   assert len(set(names)) == 2 and all(SAFE.match(n) for n in names)
   # Long names are cut, and stay unique.
   long = [{'data.path': 'x' * 300 + str(i)} for i in range(2)]
-  names = sweep.trial_names(long)
-  assert len(set(names)) == 2 and all(len(n) <= sweep.MAX_NAME_LENGTH for n in names)
+  names = expansion.trial_names(long)
+  assert len(set(names)) == 2 and all(len(n) <= expansion.MAX_NAME_LENGTH for n in names)
   with pytest.raises(ValueError, match='same overrides more than once'):
-    sweep.trial_names([{'training.seed': 1}, {'training.seed': 1}])
+    expansion.trial_names([{'training.seed': 1}, {'training.seed': 1}])
 
 
 def test_flags_parse_as_config_flags_expect():
-  assert sweep.config_flags({'model.channel_mult': (1, 2), 'model.attention_resolutions': (16,),
+  assert expansion.config_flags({'model.channel_mult': (1, 2), 'model.attention_resolutions': (16,),
                              'training.learning_rate': 1e-4, 'data.random_flip': False}) == [
       '--config.model.channel_mult=(1,2)', '--config.model.attention_resolutions=(16,)',
       '--config.training.learning_rate=0.0001', '--config.data.random_flip=False']
@@ -70,8 +70,8 @@ def test_flags_parse_as_config_flags_expect():
 def test_final_metrics_take_the_last_train_record_and_eval_metrics():
   records = [{'step': 2, 'loss': 0.5, 'grad_norm': 1.0}, {'step': 4, 'loss': 0.25},
              {'step': 4, 'fid': 12.5, 'kid': 0.01}]
-  assert sweep.final_metrics(records) == {'step': 4, 'loss': 0.25, 'fid': 12.5, 'kid': 0.01}
-  assert sweep.final_metrics([]) == {}
+  assert summary.final_metrics(records) == {'step': 4, 'loss': 0.25, 'fid': 12.5, 'kid': 0.01}
+  assert summary.final_metrics([]) == {}
 
 
 def test_slurm_script_has_one_array_task_per_trial(tmp_path):
@@ -92,18 +92,18 @@ def test_slurm_script_has_one_array_task_per_trial(tmp_path):
 
 def test_run_one_rejects_an_index_outside_the_sweep(tmp_path):
   with pytest.raises(IndexError, match='--index=3 is out of range'):
-    sweep.run_one(sweep.load_sweep(TOY_SWEEP), 3, str(tmp_path))
+    local.run_one(expansion.load_sweep(TOY_SWEEP), 3, str(tmp_path))
 
 
 def test_toy2d_sweep_runs_resumes_and_summarises(tmp_path):
   root = str(tmp_path)
-  s = sweep.load_sweep(TOY_SWEEP)
+  s = expansion.load_sweep(TOY_SWEEP)
   out = cli('expand', f'--sweep={TOY_SWEEP}')
   assert [line.split('\t')[1] for line in out.splitlines()] == [t.name for t in s.trials]
 
   cli('run', f'--sweep={TOY_SWEEP}', f'--root={root}', '--timeout=300', timeout=1200)
   for t in s.trials:
-    assert sweep.latest_checkpoint_step(os.path.join(root, t.name)) == 4
+    assert local.latest_checkpoint_step(os.path.join(root, t.name)) == 4
   # Finished trials are skipped when the sweep runs again.
   out = cli('run', f'--sweep={TOY_SWEEP}', f'--root={root}', '--timeout=300')
   assert out.count('skipped') == 3

@@ -6,10 +6,10 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from diffusion_jax import checkpointing, input_pipeline, parallel, train
+from diffusion_jax import checkpointing, input_pipeline, parallel, sources, train
+from diffusion_jax import task as task_lib
 from tests.conftest import tiny_image_config, tiny_toy_config
 
 
@@ -33,8 +33,8 @@ class ListWriter:
 
 def losses_on(devices, config, num_steps=3):
   mesh = parallel.create_mesh(devices)
-  task = train.create_task(config)
-  state = train.create_train_state(config, task, mesh)
+  task = task_lib.create_task(config)
+  state = task_lib.create_train_state(config, task, mesh)
   step = train.make_train_step(config, task, mesh)
   batches = input_pipeline.create_iterator(config, mesh)
   out = []
@@ -68,25 +68,6 @@ def test_devices_draw_different_noise():
   noise = np.asarray(noise)
   assert noise.shape == (8, 3)
   assert len({tuple(row) for row in noise.round(6)}) == 8
-
-
-def test_ema_ramp_and_update():
-  config = tiny_image_config()
-  tc = config.training
-  assert float(train.ema_decay(tc, jnp.int32(0))) == pytest.approx(0.1)
-  assert float(train.ema_decay(tc, jnp.int32(10 ** 7))) == pytest.approx(tc.ema_decay)
-  tc.ema_warmup = False
-  assert float(train.ema_decay(tc, jnp.int32(0))) == pytest.approx(tc.ema_decay)
-
-
-def test_learning_rate_warmup_then_cosine():
-  config = tiny_image_config()
-  tc = config.training
-  tc.learning_rate, tc.warmup_steps, tc.num_steps, tc.lr_schedule = 1.0, 10, 110, 'cosine'
-  lr = train.learning_rate_schedule(tc)
-  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
-  assert float(lr(10)) == pytest.approx(1.0) and float(lr(60)) == pytest.approx(0.5, abs=1e-6)
-  assert float(lr(110)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_toy2d_loss_falls(tmp_path):
@@ -127,9 +108,9 @@ def test_four_device_checkpoint_restores_on_one_device(tmp_path):
   config = tiny_image_config()
   state = train.train_and_evaluate(config, str(tmp_path), writer=ListWriter())
   mesh1 = parallel.create_mesh(jax.devices()[:1])
-  task = train.create_task(config)
+  task = task_lib.create_task(config)
   manager = checkpointing.create_manager(str(tmp_path), read_only=True)
-  restored = checkpointing.restore(manager, train.abstract_train_state(config, task, mesh1))
+  restored = checkpointing.restore(manager, task_lib.abstract_train_state(config, task, mesh1))
   manager.close()
   assert int(restored.step) == config.training.num_steps
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
@@ -149,9 +130,9 @@ def test_sigterm_saves_and_exits(tmp_path):
   assert stopped == 4
   manager = checkpointing.create_manager(str(tmp_path), read_only=True)
   assert manager.latest_step() == stopped
-  task = train.create_task(config)
+  task = task_lib.create_task(config)
   restored = checkpointing.restore(
-      manager, train.abstract_train_state(config, task, parallel.create_mesh()))
+      manager, task_lib.abstract_train_state(config, task, parallel.create_mesh()))
   manager.close()
   assert int(restored.step) == stopped
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is removed again
@@ -171,8 +152,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train.train_and_evaluate(config, str(tmp_path), writer=writer)
   manager = checkpointing.create_manager(str(tmp_path), read_only=True)
   steps = manager.all_steps()
-  task = train.create_task(config)
-  target = train.abstract_train_state(config, task, parallel.create_mesh())
+  task = task_lib.create_task(config)
+  target = task_lib.abstract_train_state(config, task, parallel.create_mesh())
   for step in steps:
     restored = checkpointing.restore(manager, target, step)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))
@@ -181,7 +162,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_one_step_on_mock_tfds_flowers(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda *a, **k: True)
+  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
   config = tiny_image_config('tfds', image_size=8, channels=3)
   config.data.name = 'oxford_flowers102'
   config.data.data_dir = str(tmp_path / 'tfds')
@@ -199,8 +180,8 @@ def test_steps_per_call_matches_single_steps(image_config):
   single, _ = losses_on(jax.devices(), image_config, num_steps=4)
   image_config.training.steps_per_call = 2
   mesh = parallel.create_mesh()
-  task = train.create_task(image_config)
-  state = train.create_train_state(image_config, task, mesh)
+  task = task_lib.create_task(image_config)
+  state = task_lib.create_train_state(image_config, task, mesh)
   step = train.make_train_step(image_config, task, mesh)
   batches = input_pipeline.create_iterator(image_config, mesh)
   last = []
@@ -217,22 +198,9 @@ def test_gradient_norm_does_not_depend_on_the_device_count(image_config):
   norms = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.create_mesh(devices)
-    task = train.create_task(image_config)
-    state = train.create_train_state(image_config, task, mesh)
+    task = task_lib.create_task(image_config)
+    state = task_lib.create_train_state(image_config, task, mesh)
     step = train.make_train_step(image_config, task, mesh)
     _, metrics = step(state, next(input_pipeline.create_iterator(image_config, mesh)))
     norms.append(float(metrics['grad_norm']))
   np.testing.assert_allclose(norms[0], norms[1], rtol=1e-4)
-
-
-def test_created_state_is_the_pure_init_replicated(image_config):
-  """create_train_state (compiled without backend optimisations on CPU) matches init_train_state
-  compiled as usual, and is replicated over the mesh."""
-  mesh = parallel.create_mesh()
-  task = train.create_task(image_config)
-  state = train.create_train_state(image_config, task, mesh)
-  reference = jax.jit(lambda: train.init_train_state(image_config, task))()
-  assert state.params['conv_in']['kernel'].sharding.is_fully_replicated
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-  assert int(state.step) == 0 and np.array_equal(state.rng, reference.rng)

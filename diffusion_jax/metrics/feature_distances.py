@@ -1,4 +1,4 @@
-"""Sample-quality metrics on Inception features: FID and KID, in NumPy/SciPy float64.
+"""Distances between two sets of network features (FID and KID), in NumPy float64.
 
 FID (Heusel et al. 2017) is the Fréchet distance between Gaussians fitted to two feature sets,
     ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)),
@@ -16,7 +16,6 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
-
 
 
 def _features(x, name: str) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffusion_jax.evaluation_metrics import (feature_statistics, frechet_distance, kid,
-                                              load_statistics, save_statistics)
+from diffusion_jax.metrics.feature_distances import (feature_statistics, frechet_distance, kid,
+                                                     load_statistics, save_statistics)
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:

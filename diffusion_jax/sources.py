@@ -1,0 +1,168 @@
+"""Where examples come from: each `data.source`, read into uint8 images (or 2-D points).
+
+  tfds    a TFDS data set by name (`tfds_builder`; needs TensorFlow)
+  folder  a folder of images, flat or with one subfolder per class (`folder_files`)
+  npz     an .npz with `images` uint8 [N, H, W, C] and optional `labels` [N]
+  digits  scikit-learn's 8x8 digits (offline), uint8 = value * 255 / 16
+  toy2d   scikit-learn's 2-D generators in their own coordinates (DESIGN.md)
+Images are center-cropped to a square and resized with antialiasing to `data.image_size`, the
+same way by NumPy/PIL (`center_crop_resize`) and by tf.data (`tf_center_crop_resize`).
+`input_pipeline` turns these into batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+SOURCES = ('tfds', 'folder', 'npz', 'digits', 'toy2d')
+TOY_DATASETS = ('swiss_roll', 'moons', 's_curve')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+
+
+# --- in-memory sources ---------------------------------------------------------------------------
+
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, C] -> uint8 [size, size, C]: center square crop, antialiased bilinear resize."""
+  h, w = image.shape[:2]
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  image = image[top:top + s, left:left + s]
+  if s == size:
+    return image
+  squeeze = image.shape[-1] == 1
+  pil = Image.fromarray(image[..., 0] if squeeze else image)
+  out = np.asarray(pil.resize((size, size), Image.BILINEAR, reducing_gap=None))
+  return out[..., None] if squeeze else out
+
+
+def toy_points(name: str, num_points: int, seed: int) -> np.ndarray:
+  """float32 [N, 2] from scikit-learn's generators, in the data's own coordinates."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  if name == 'swiss_roll':
+    x, _ = datasets.make_swiss_roll(num_points, noise=0.5, random_state=seed)
+    x = x[:, [0, 2]] / 10.0
+  elif name == 'moons':
+    x, _ = datasets.make_moons(num_points, noise=0.05, random_state=seed)
+  elif name == 's_curve':
+    x, _ = datasets.make_s_curve(num_points, noise=0.1, random_state=seed)
+    x = x[:, [0, 2]]
+  else:
+    raise ValueError(f'data.name={name!r} is not a toy2d data set; choose one of {TOY_DATASETS}.')
+  return x.astype(np.float32)
+
+
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits: uint8 [1797, 8, 8, 1] (value * 255 / 16) and int32 labels [1797]."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  images = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)[..., None]
+  return images, digits.target.astype(np.int32)
+
+
+def load_npz(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(f'data.path={path!r} does not exist; point --config.data.path at an '
+                            '.npz holding `images` (uint8 [N, H, W, C]).')
+  with np.load(path) as f:
+    if 'images' not in f:
+      raise ValueError(f'data.path={path!r} has no `images` array (keys: {list(f.keys())}).')
+    images = f['images']
+    labels = f['labels'].astype(np.int32) if 'labels' in f else None
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f'data.path={path!r}: `images` must be uint8 [N, H, W, C], '
+                     f'got {images.dtype} {images.shape}.')
+  return images, labels
+
+
+def load_in_memory(config) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """All examples of an in-memory source, preprocessed but for flips and scaling.
+
+  Returns uint8 images [N, S, S, C] (or float32 points [N, 2]) and int32 labels [N] or None.
+  """
+  source = config.data.source
+  if source == 'toy2d':
+    return toy_points(config.data.name, config.data.num_points, config.training.seed), None
+  images, labels = digits_images() if source == 'digits' else load_npz(config.data.path)
+  if images.shape[-1] != config.data.channels:
+    raise ValueError(f'data.channels={config.data.channels} but the {source} images have '
+                     f'{images.shape[-1]}; set --config.data.channels={images.shape[-1]}.')
+  size = config.data.image_size
+  if images.shape[1:3] != (size, size):
+    images = np.stack([center_crop_resize(im, size) for im in images])
+  return images, labels
+
+
+# --- tf.data sources -----------------------------------------------------------------------------
+
+def _network_reachable(host: str = 'storage.googleapis.com', timeout: float = 3.0) -> bool:
+  """Whether TFDS's download host answers within `timeout` s (DNS included)."""
+  def connect():
+    with socket.create_connection((host, 443), timeout=timeout):
+      return True
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    future = pool.submit(connect)
+    try:
+      return future.result(timeout=timeout + 1)
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+
+def import_tensorflow():
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('data.source=tfds/folder needs TensorFlow (pip install tensorflow-cpu); '
+                      'without it use data.source=npz, digits or toy2d.') from e
+  tf.config.set_visible_devices([], 'GPU')  # TensorFlow must never take accelerator memory
+  return tf
+
+
+def tfds_builder(config):
+  """The TFDS builder, prepared; fails at once, with the fix, when it cannot be."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(config.data.name, data_dir=config.data.data_dir or None)
+  if not builder.is_prepared():
+    fix = (f'Download it on a machine with network access (python -c "import tensorflow_datasets '
+           f"as tfds; tfds.builder('{config.data.name}').download_and_prepare()\"), copy "
+           f'~/tensorflow_datasets here and set --config.data.data_dir, or train from a folder '
+           f'or .npz (--config.data.source=folder|npz --config.data.path=...).')
+    if not config.data.download:
+      raise RuntimeError(f'TFDS data set {config.data.name!r} is not in '
+                         f'{builder.data_dir!r} and data.download=False. {fix}')
+    if not _network_reachable():
+      raise RuntimeError(f'TFDS data set {config.data.name!r} is not in {builder.data_dir!r} '
+                         f'and this machine cannot reach the download servers. {fix}')
+    builder.download_and_prepare()
+  return builder
+
+
+def tf_center_crop_resize(tf, image, size: int):
+  """uint8 [H, W, C] -> uint8 [size, size, C], the same crop and resize as the NumPy path."""
+  shape = tf.shape(image)
+  s = tf.minimum(shape[0], shape[1])
+  image = tf.image.crop_to_bounding_box(image, (shape[0] - s) // 2, (shape[1] - s) // 2, s, s)
+  image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def folder_files(path: str) -> tuple[list, list, int]:
+  if not path or not os.path.isdir(path):
+    raise FileNotFoundError(f'data.path={path!r} is not a folder of images; point '
+                            '--config.data.path at one (flat, or one subfolder per class).')
+  classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+  files, labels = [], []
+  for label, folder in enumerate(classes or ['']):
+    root = os.path.join(path, folder)
+    for name in sorted(os.listdir(root)):
+      if name.lower().endswith(IMAGE_EXTENSIONS):
+        files.append(os.path.join(root, name))
+        labels.append(label)
+  if not files:
+    raise FileNotFoundError(f'data.path={path!r} holds no images ({IMAGE_EXTENSIONS}).')
+  return files, labels, len(classes)
