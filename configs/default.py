@@ -70,10 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3  # how many checkpoints to keep
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ddim'  # ddpm | ddim
-  sampling.num_steps = 50  # DDIM steps (DDPM always runs all T)
+  sampling.sampler = 'ddim'  # ddpm | ddim | dpm_solver++ | unipc
+  sampling.num_steps = 50  # network calls of ddim, dpm_solver++ and unipc (ddpm runs all T)
   sampling.eta = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
-  sampling.spacing = 'uniform'  # DDIM timesteps: uniform | quadratic
+  sampling.solver_order = 2  # dpm_solver++ / unipc: 1, 2 or 3 (1 is DDIM with eta 0)
+  sampling.stochastic = False  # dpm_solver++: its SDE form, fresh noise at every step
+  sampling.spacing = 'uniform'  # timesteps: leading (= uniform) | trailing | linspace | quadratic | karras
   sampling.variance = 'small'  # DDPM: small (posterior) | large (beta)
   sampling.clip_x0 = 1.0  # clip predicted x0 to [-c, c] (1: images in [-1, 1]; 0: no clipping)
   sampling.guidance_scale = 1.0  # classifier-free guidance (1: plain conditional)
@@ -84,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.checkpoint_step = -1  # which checkpoint to sample from (-1: latest)
   sampling.trajectory = False  # also write the x_T -> x_0 strip
   sampling.preview_samples = 16  # size of the grid written during training
-  sampling.preview_steps = 25  # DDIM steps for that grid
+  sampling.preview_sampler = 'ddim'  # sampler of that grid (with sampling.spacing, .solver_order)
+  sampling.preview_steps = 25  # its network calls
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.num_samples = 10_000  # generated samples for FID/KID

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from diffusion_jax import diffusion, models, schedules, sources
+from diffusion_jax import diffusion, models, schedules, sources, step_tables, timesteps
 
-SAMPLERS = ('ddpm', 'ddim')
 LR_SCHEDULES = ('constant', 'cosine')
 
 
@@ -25,12 +24,9 @@ def validate(config, num_devices: int) -> None:
   _choice(diff.prediction_type, diffusion.PREDICTION_TYPES, 'diffusion.prediction_type')
   _choice(diff.loss, diffusion.LOSS_TYPES, 'diffusion.loss')
   _choice(train.lr_schedule, LR_SCHEDULES, 'training.lr_schedule')
-  _choice(samp.sampler, SAMPLERS, 'sampling.sampler')
   if diff.num_timesteps < 2:
     raise ValueError(f'diffusion.num_timesteps={diff.num_timesteps} must be at least 2.')
-  if samp.sampler == 'ddim' and not 1 <= samp.num_steps <= diff.num_timesteps:
-    raise ValueError(f'sampling.num_steps={samp.num_steps} must lie in '
-                     f'[1, diffusion.num_timesteps={diff.num_timesteps}].')
+  _validate_sampling(samp, diff.num_timesteps)
 
   per_call = train.batch_size
   if per_call <= 0 or per_call % num_devices:
@@ -67,3 +63,20 @@ def validate(config, num_devices: int) -> None:
                        f'{widths}.')
   elif data.source != 'toy2d':
     raise ValueError('model.architecture=mlp is for data.source=toy2d; use unet for images.')
+
+
+def _validate_sampling(samp, num_timesteps: int) -> None:
+  """The sampler settings: names, step counts, orders, and options only some samplers have."""
+  _choice(samp.sampler, step_tables.SAMPLERS, 'sampling.sampler')
+  _choice(samp.preview_sampler, step_tables.SAMPLERS, 'sampling.preview_sampler')
+  _choice(samp.spacing, timesteps.SPACINGS, 'sampling.spacing')
+  if samp.solver_order not in range(1, step_tables.MAX_ORDER + 1):
+    raise ValueError(f'sampling.solver_order={samp.solver_order} must be 1, 2 or 3.')
+  for field in ('num_steps', 'preview_steps'):
+    if not 1 <= samp[field] <= num_timesteps:
+      raise ValueError(f'sampling.{field}={samp[field]} must lie in '
+                       f'[1, diffusion.num_timesteps={num_timesteps}].')
+  if samp.stochastic and samp.sampler != 'dpm_solver++':
+    raise ValueError(f'sampling.stochastic=True is the SDE form of dpm_solver++, but '
+                     f'sampling.sampler={samp.sampler!r}; set --config.sampling.sampler='
+                     'dpm_solver++, or stochastic=False (for ddim use sampling.eta).')

@@ -2,7 +2,8 @@
 
 Restores the EMA parameters from `<workdir>/checkpoints`, generates sampling.num_samples samples
 (`generation`) and writes `samples.npz` (`images`: uint8 [N, H, W, C], or for 2-D data `points`:
-float32 [N, 2] in the data's own coordinates) and `grid.png`; with sampling.trajectory also
+float32 [N, 2] in the data's own coordinates; for a class-conditional model also `labels`: int32
+[N], the class each sample was asked for) and `grid.png`; with sampling.trajectory also
 `trajectory.png`, the x_T -> x_0 strip. Files already there are moved aside (samples.1.npz, ...),
 never overwritten. (The sampler math itself lives in `samplers`.)
 """
@@ -43,16 +44,18 @@ def sample(config, workdir: str) -> dict:
   start = time.perf_counter()
   x = generate(params, rng, sc.num_samples, log_progress=True)
   seconds = time.perf_counter() - start
-  logging.info('%d samples from step %d in %.2f s (%s, %d steps).', sc.num_samples, step,
-               seconds, sc.sampler, sc.num_steps if sc.sampler == 'ddim' else
-               config.diffusion.num_timesteps)
+  logging.info('%d samples from step %d in %.2f s: %s, %d network calls per sample.',
+               sc.num_samples, step, seconds, sc.sampler, generate.num_calls)
   out_dir = os.path.join(workdir, 'samples')
   toy = config.data.source == 'toy2d'
   paths = {}
   if jax.process_index() == 0:
     paths['npz'] = os.path.join(out_dir, 'samples.npz')
-    _save_npz(paths['npz'], {'points': x.astype(np.float32)} if toy else
-              {'images': images.to_uint8(x)})
+    payload = {'points': x.astype(np.float32)} if toy else {'images': images.to_uint8(x)}
+    if task.info.num_classes:
+      payload['labels'] = generation.sample_labels(np.arange(len(x), dtype=np.int32), sc.label,
+                                                   task.info.num_classes)
+    _save_npz(paths['npz'], payload)
     paths['grid'] = os.path.join(out_dir, 'grid.png')
     _save_png(paths['grid'], images.picture(config, x if toy else x[:64]))
   if sc.trajectory:

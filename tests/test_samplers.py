@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import samplers, schedules
+from diffusion_jax import samplers, schedules, step_tables, timesteps
 
 MU = jnp.array([0.6, -0.4])
 S = 0.3
@@ -69,7 +69,8 @@ def test_ddim_50_steps_has_the_exact_chain_moments(eta, spacing):
   moments within sampling error; a wrong coefficient moves them by far more."""
   x0 = np.asarray(samplers.ddim_sample(exact_eps, SCHED, x_T(), jax.random.PRNGKey(2),
                                        num_steps=50, eta=eta, spacing=spacing, clip_x0=False))
-  mean, std = ddim_chain_moments(samplers.ddim_timesteps(1000, 50, spacing), eta)
+  mean, std = ddim_chain_moments(
+      timesteps.sampler_timesteps(step_tables.alphas_cumprod64(SCHED), 50, spacing), eta)
   np.testing.assert_allclose(x0.mean(0), mean, atol=4 * S / np.sqrt(N))
   np.testing.assert_allclose(x0.std(0), std, rtol=0.015)
 
@@ -90,8 +91,8 @@ def test_ddim_eta0_is_deterministic_given_x_T():
 
 
 def test_ddim_full_steps_eta1_is_ddpm_small():
-  ddim = samplers.ddim_steps(SCHED, 1000, eta=1.0)
-  ddpm = samplers.ddpm_steps(SCHED, 'small')
+  ddim = step_tables.ddim_steps(SCHED, 1000, eta=1.0)
+  ddpm = step_tables.ddpm_steps(SCHED, 'small')
   np.testing.assert_array_equal(ddim.t, ddpm.t)
   for a, b in zip(ddim[1:], ddpm[1:]):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7)
@@ -103,11 +104,12 @@ def test_ddim_full_steps_eta1_is_ddpm_small():
 
 
 def test_ddim_timesteps_follow_the_paper():
-  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 4), [0, 250, 500, 750])
-  steps = samplers.ddim_steps(SCHED, 4)
+  abar = step_tables.alphas_cumprod64(SCHED)
+  np.testing.assert_array_equal(timesteps.sampler_timesteps(abar, 4, 'uniform'), [0, 250, 500, 750])
+  steps = step_tables.ddim_steps(SCHED, 4)
   np.testing.assert_array_equal(steps.t, [750, 500, 250, 0])
   # abar = 1 before the first step: the last update returns x0_hat exactly.
-  assert steps.coef_x0[-1] == pytest.approx(1.0) and steps.coef_xt[-1] == pytest.approx(0.0)
+  assert steps.coef_x0[-1, 0] == pytest.approx(1.0) and steps.coef_xt[-1] == pytest.approx(0.0)
   assert steps.sigma[-1] == 0.0
 
 
@@ -121,7 +123,60 @@ def test_trajectory_and_clipping():
 
 
 def test_bad_settings_name_the_field():
+  abar = step_tables.alphas_cumprod64(SCHED)
   with pytest.raises(ValueError, match='sampling.num_steps'):
-    samplers.ddim_timesteps(1000, 0)
+    timesteps.sampler_timesteps(abar, 0)
+  with pytest.raises(ValueError, match='sampling.spacing'):
+    timesteps.sampler_timesteps(abar, 10, 'cubic')
   with pytest.raises(ValueError, match='sampling.variance'):
-    samplers.ddpm_steps(SCHED, 'medium')
+    step_tables.ddpm_steps(SCHED, 'medium')
+  with pytest.raises(ValueError, match='sampling.solver_order'):
+    step_tables.dpm_solver_pp_steps(SCHED, 10, order=4)
+  with pytest.raises(ValueError, match='sampling.sampler'):
+    step_tables.build('heun', SCHED, num_steps=10)
+
+
+# The fast solvers, with the exact denoiser on the cosine schedule. Their last step returns the
+# data prediction at the smallest timestep they visit, which shrinks the std by
+# s / sqrt(s^2 + sigma(t_min)^2): with 20 linspace steps t_min = 50, where the cosine schedule's
+# sigma = 0.05 (the linear schedule's is 0.17, too coarse for data as narrow as s = 0.3).
+COSINE = schedules.Schedule.from_betas(schedules.get_betas('cosine', 1000))
+S_WIDE = 0.5
+
+
+def exact_eps_cosine(x_t, t):
+  abar = COSINE.alphas_cumprod[t][:, None]
+  return (jnp.sqrt(1 - abar) * (x_t - jnp.sqrt(abar) * MU)
+          / (abar * S_WIDE ** 2 + 1 - abar))
+
+
+def check_within_two_percent(x):
+  x = np.asarray(x)
+  np.testing.assert_allclose(x.mean(0), MU, rtol=0.02)
+  np.testing.assert_allclose(x.std(0), S_WIDE, rtol=0.02)
+
+
+@pytest.mark.parametrize('sampler', ['dpm_solver++', 'unipc'])
+@pytest.mark.parametrize('order', [2, 3])
+def test_solvers_carry_the_noise_onto_the_data_in_20_steps(sampler, order):
+  sample = samplers.unipc_sample if sampler == 'unipc' else samplers.dpm_solver_pp_sample
+  x0 = sample(exact_eps_cosine, COSINE, x_T(), jax.random.PRNGKey(1), num_steps=20,
+              order=order, spacing='linspace', clip_x0=False)
+  check_within_two_percent(x0)
+
+
+def test_stochastic_dpm_solver_pp_recovers_the_gaussian():
+  x0 = samplers.dpm_solver_pp_sample(exact_eps_cosine, COSINE, x_T(), jax.random.PRNGKey(1),
+                                     num_steps=50, order=2, stochastic=True, clip_x0=False)
+  check_within_two_percent(x0)
+  again = samplers.dpm_solver_pp_sample(exact_eps_cosine, COSINE, x_T(), jax.random.PRNGKey(2),
+                                        num_steps=50, order=2, stochastic=True, clip_x0=False)
+  assert float(jnp.abs(again - x0).mean()) > 1e-2  # it does draw noise
+
+
+def test_solvers_clip_the_data_prediction():
+  x0 = samplers.unipc_sample(exact_eps, SCHED, 5 * x_T()[:64], None, num_steps=8, clip_x0=0.5)
+  assert float(jnp.abs(x0).max()) <= 0.5 + 1e-6
+  x0 = samplers.dpm_solver_pp_sample(exact_eps, SCHED, 5 * x_T()[:64], None, num_steps=8,
+                                     order=3, clip_x0=0.5)
+  assert float(jnp.abs(x0).max()) <= 0.5 + 1e-6
