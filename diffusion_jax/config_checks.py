@@ -26,7 +26,7 @@ def validate(config, num_devices: int) -> None:
   _choice(train.lr_schedule, LR_SCHEDULES, 'training.lr_schedule')
   if diff.num_timesteps < 2:
     raise ValueError(f'diffusion.num_timesteps={diff.num_timesteps} must be at least 2.')
-  _validate_sampling(samp, diff.num_timesteps)
+  _validate_sampling(samp, diff.num_timesteps, previews=train.sample_every > 0)
 
   per_call = train.batch_size
   if per_call <= 0 or per_call % num_devices:
@@ -65,14 +65,16 @@ def validate(config, num_devices: int) -> None:
     raise ValueError('model.architecture=mlp is for data.source=toy2d; use unet for images.')
 
 
-def _validate_sampling(samp, num_timesteps: int) -> None:
-  """The sampler settings: names, step counts, orders, and options only some samplers have."""
+def _validate_sampling(samp, num_timesteps: int, previews: bool) -> None:
+  """The sampler settings: names, step counts, orders, and options only some samplers have;
+  those of the training previews only when there are previews."""
   _choice(samp.sampler, step_tables.SAMPLERS, 'sampling.sampler')
-  _choice(samp.preview_sampler, step_tables.SAMPLERS, 'sampling.preview_sampler')
+  if previews:
+    _choice(samp.preview_sampler, step_tables.SAMPLERS, 'sampling.preview_sampler')
   _choice(samp.spacing, timesteps.SPACINGS, 'sampling.spacing')
   if samp.solver_order not in range(1, step_tables.MAX_ORDER + 1):
     raise ValueError(f'sampling.solver_order={samp.solver_order} must be 1, 2 or 3.')
-  for field in ('num_steps', 'preview_steps'):
+  for field in ('num_steps',) + (('preview_steps',) if previews else ()):
     if not 1 <= samp[field] <= num_timesteps:
       raise ValueError(f'sampling.{field}={samp[field]} must lie in '
                        f'[1, diffusion.num_timesteps={num_timesteps}].')

@@ -140,9 +140,9 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
 
   batches = input_pipeline.create_iterator(config, mesh, start_step=step)
   p_train_step = make_train_step(config, task, mesh)
-  preview = generation.make_generate_fn(config, task, mesh,
-                                        sampler=config.sampling.preview_sampler,
-                                        num_steps=config.sampling.preview_steps)
+  preview = tc.sample_every and generation.make_generate_fn(
+      config, task, mesh, sampler=config.sampling.preview_sampler,
+      num_steps=config.sampling.preview_steps)
   progress = metric_logging.Progress(tc.num_steps, start=step, items_per_step=tc.batch_size)
   k = tc.steps_per_call
   pending = []  # device-side metrics since the last log: no host sync per step

@@ -29,9 +29,17 @@ def test_bad_value_names_its_field(field, value, match):
   group, name = field.split('.')
   if field == 'training.log_every':
     config.training.steps_per_call = 2
+  if field.startswith('sampling.preview'):
+    config.training.sample_every = 2  # preview settings are checked when there are previews
   config[group][name] = value
   with pytest.raises(ValueError, match=match):
     config_checks.validate(config, num_devices=4)
+
+
+def test_preview_settings_matter_only_with_previews():
+  config = tiny_image_config()
+  config.sampling.preview_steps = 1000  # more than diffusion.num_timesteps
+  config_checks.validate(config, num_devices=4)  # sample_every = 0: no previews
 
 
 def test_good_configs_pass():
