@@ -13,13 +13,15 @@ step of length 0), so `quadratic` and `karras` can give fewer than S of them:
              (Karras et al. 2022), between the schedule's sigma(0) and sigma(T - 1), where
              sigma(t) = sqrt((1 - abar_t) / abar_t); each sigma_i is mapped to the trained
              timestep nearest to it in log sigma (interpolated, then rounded)
+  logsnr     lambda_i evenly spaced from lambda(T - 1) to lambda(0), lambda = -log sigma the
+             half log-SNR (DPM-Solver's "logSNR" steps), mapped to trained timesteps the same way
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SPACINGS = ('leading', 'uniform', 'trailing', 'linspace', 'quadratic', 'karras')
+SPACINGS = ('leading', 'uniform', 'trailing', 'linspace', 'quadratic', 'karras', 'logsnr')
 KARRAS_RHO = 7.0
 
 
@@ -60,6 +62,10 @@ def sampler_timesteps(alphas_cumprod: np.ndarray, num_steps: int,
     sig = sigmas(alphas_cumprod)
     wanted = karras_sigmas(sig[0], sig[-1], s)
     steps = np.round(np.interp(np.log(wanted), np.log(sig), np.arange(t)))
+  elif spacing == 'logsnr':
+    log_sigma = np.log(sigmas(alphas_cumprod))  # increasing in t: -lambda
+    wanted = np.linspace(log_sigma[0], log_sigma[-1], s)
+    steps = np.round(np.interp(wanted, log_sigma, np.arange(t)))
   else:
     raise ValueError(f'sampling.spacing={spacing!r} is unknown; choose one of {SPACINGS}.')
   return np.unique(steps.astype(np.int64))

@@ -39,6 +39,16 @@ def test_karras_timesteps_are_the_nearest_trained_noise_levels():
   assert got[1] < 100
 
 
+def test_logsnr_timesteps_are_evenly_spaced_in_log_snr():
+  lam = -np.log(np.sqrt((1 - ABAR) / ABAR))
+  got = timesteps.sampler_timesteps(ABAR, 12, 'logsnr')
+  assert got[0] == 0 and got[-1] == 999 and len(got) == 12
+  wanted = np.linspace(lam[0], lam[-1], 12)
+  for t, target in zip(got, wanted):
+    gap = np.abs(lam - target)
+    assert gap[t] <= np.sort(gap)[1] + 1e-12, (t, target)
+
+
 def test_repeated_timesteps_are_dropped():
   quad = timesteps.sampler_timesteps(ABAR, 1000, 'quadratic')
   assert len(quad) < 1000 and np.all(np.diff(quad) > 0)

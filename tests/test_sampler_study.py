@@ -1,0 +1,63 @@
+"""experiments/sampler_study.py end to end on tiny trained runs: tables, plots, guidance rows."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from diffusion_jax import train
+from tests.conftest import tiny_image_config, tiny_toy_config
+from tests.test_train import ListWriter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def study(*args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'sampler_study.py'),
+                         *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return proc.stdout
+
+
+def test_toy_study_writes_the_table_plot_and_results(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_toy_config(), workdir, writer=ListWriter())
+  out = study(f'--workdir={workdir}', '--calls=2,4', '--samplers=ddim,unipc-2',
+              '--num_samples=500', '--repeats=2')
+  assert '| ddim |' in out and '| unipc-2 |' in out and '| DDPM, 100 calls |' in out
+  folder = os.path.join(workdir, 'sampler_study')
+  with open(os.path.join(folder, 'results.json')) as f:
+    results = json.load(f)
+  assert results['step'] == 4 and results['num_samples'] == 500
+  rows = results['rows']
+  assert [(r['sampler'], r['calls']) for r in rows] == [
+      ('ddim', 2), ('ddim', 4), ('unipc-2', 2), ('unipc-2', 4), ('ddpm', 100)]
+  assert all(len(r['ratios']) == 2 and math.isfinite(r['ratio']) and r['ratio'] > 0
+             for r in rows)
+  with open(os.path.join(folder, 'table.md')) as f:
+    assert f.read() in out
+  with Image.open(os.path.join(folder, 'quality_vs_calls.png')) as im:
+    assert im.size[0] > 400
+
+
+def test_conditional_digits_study_reports_guidance(tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = tiny_image_config()
+  config.data.class_conditional, config.data.num_classes = True, 10
+  config.training.num_steps = 2
+  train.train_and_evaluate(config, workdir, writer=ListWriter())
+  out = study(f'--workdir={workdir}', '--calls=2', '--samplers=unipc-2', '--noreference',
+              '--guidance_scales=1,2', '--guided_calls=2')
+  assert '| guidance scale | distance ratio | samples of the asked class |' in out
+  folder = os.path.join(workdir, 'sampler_study')
+  with open(os.path.join(folder, 'results.json')) as f:
+    guided = json.load(f)['guidance']
+  assert [g['guidance_scale'] for g in guided] == [1.0, 2.0]
+  assert all(0.0 <= g['class_share'] <= 1.0 and math.isfinite(g['ratio']) for g in guided)
+  with Image.open(os.path.join(folder, 'classes.png')) as im:
+    width, height = im.size
+  assert height > width * 0.9  # ten rows of ten
