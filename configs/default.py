@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.grad_clip = 1.0  # global-norm clipping (0: off)
   training.ema_decay = 0.9999  # EMA of the parameters, used for sampling
   training.ema_warmup = True  # ramp the EMA decay as min(decay, (1 + step) / (10 + step))
+  training.phema_sigma_rels = ()  # post-hoc EMA: widths of the tracked averages (EDM2: 0.05, 0.10)
+  training.phema_snapshot_every = 5000  # post-hoc EMA: steps between snapshots of the averages
+  training.phema_dtype = 'float32'  # post-hoc EMA: dtype of the snapshots (float32 | bfloat16)
   training.label_dropout = 0.1  # class_conditional: drop labels to "none" for guidance
   training.seed = 0  # initialisation, data order and noise
   training.steps_per_call = 1  # train steps per compiled call (lax.scan)
@@ -84,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.batch_size = 64  # global batch for generation
   sampling.seed = 0  # noise for generation
   sampling.checkpoint_step = -1  # which checkpoint to sample from (-1: latest)
+  sampling.ema_sigma_rel = 0.0  # post-hoc EMA of this width from the run's snapshots (0: ema_decay's)
   sampling.trajectory = False  # also write the x_T -> x_0 strip
   sampling.preview_samples = 16  # size of the grid written during training
   sampling.preview_sampler = 'ddim'  # sampler of that grid (with sampling.spacing, .solver_order)

@@ -33,6 +33,8 @@ def get_config():
   config.training.lr_schedule = 'cosine'
   config.training.weight_decay = 0.0
   config.training.ema_decay = 0.9995
+  config.training.phema_sigma_rels = (0.05, 0.10)  # post-hoc EMA (EDM2's widths)
+  config.training.phema_snapshot_every = 10_000  # 10 snapshots, 7.4 GB in float32
   config.training.num_steps = 100_000
   config.training.sample_every = 5000
   return config

@@ -7,6 +7,7 @@ target (shapes, dtypes and the shardings of the *current* mesh), so a checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -28,12 +29,15 @@ def create_manager(workdir: str, *, max_to_keep: int = 3,
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                          read_only=read_only,
                                          enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=ocp.PyTreeCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   """Starts an asynchronous save of `state` at `step`; training goes on while it writes."""
-  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  # PyTree (not Standard) args, as the manager's handler is the PyTree one (partial restores and
+  # item metadata need it); the files are those StandardSave writes.
+  manager.save(step, args=ocp.args.PyTreeSave(state), force=True)
 
 
 def abstract_like(state: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
@@ -58,9 +62,20 @@ def _existing_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
 
 
 def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None) -> Any:
-  """The state saved at `step` (default: the latest), laid out like the abstract `target`."""
+  """The state saved at `step` (default: the latest), laid out like the abstract `target`.
+
+  For a dataclass target (the TrainState), a field that holds no arrays (an empty tuple, as
+  `phema_params` is when post-hoc EMA is off) need not be in the checkpoint: checkpoints written
+  before the field existed restore.
+  """
+  if dataclasses.is_dataclass(target):
+    fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+    restored = restore_fields(manager, {k: v for k, v in fields.items() if jax.tree.leaves(v)},
+                              step)
+    return target.replace(**restored)
   step = _existing_step(manager, step)
-  return manager.restore(step, args=ocp.args.StandardRestore(target))
+  return manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
 
 
 def restore_fields(manager: ocp.CheckpointManager, target: dict,
@@ -71,6 +86,16 @@ def restore_fields(manager: ocp.CheckpointManager, target: dict,
   state are not read, so restoring e.g. the EMA parameters alone needs memory for them alone.
   """
   step = _existing_step(manager, step)
+  saved = _leaf_paths(manager.item_metadata(step).tree)
+  for name, subtree in target.items():
+    missing = sorted(_leaf_paths({name: subtree}) - saved)
+    if missing:
+      raise ValueError(
+          f'the checkpoint at step {step} in {manager.directory} has no {name} '
+          f'{"arrays" if len(missing) > 1 else "array"} {missing[0]}'
+          f'{f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""}: it was written '
+          'with other settings (e.g. training.phema_sigma_rels); use the settings it was '
+          'trained with, or a new --workdir.')
   args = ocp.args.PyTreeRestore(item=target,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
@@ -82,6 +107,18 @@ def restore_or_keep(manager: ocp.CheckpointManager, state: Any) -> Any:
   if manager.latest_step() is None:
     return state
   return restore(manager, abstract_like(state))
+
+
+def _leaf_paths(tree) -> set:
+  """The paths of a tree's leaves as '/'-joined names ('params/conv/kernel'), the same for a
+  state and for Orbax's metadata of it (which stores a NamedTuple's fields as dict keys)."""
+  def name(key):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(name(k) for k in path) for path, _ in leaves}
 
 
 class PreemptionFlag:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from diffusion_jax import diffusion, models, schedules, sources, step_tables, timesteps
+from diffusion_jax import (diffusion, models, phema, posthoc_ema, schedules, sources, step_tables,
+                           timesteps)
 
 LR_SCHEDULES = ('constant', 'cosine')
 
@@ -42,6 +43,7 @@ def validate(config, num_devices: int) -> None:
                        f'training.steps_per_call={train.steps_per_call}.')
   if not 0.0 <= train.ema_decay < 1.0:
     raise ValueError(f'training.ema_decay={train.ema_decay} must lie in [0, 1).')
+  _validate_posthoc_ema(train, samp)
 
   if model.architecture == 'unet':
     if data.source == 'toy2d':
@@ -63,6 +65,24 @@ def validate(config, num_devices: int) -> None:
                        f'{widths}.')
   elif data.source != 'toy2d':
     raise ValueError('model.architecture=mlp is for data.source=toy2d; use unet for images.')
+
+
+def _validate_posthoc_ema(train, samp) -> None:
+  widths = tuple(train.phema_sigma_rels)
+  for width in widths + ((samp.ema_sigma_rel,) if samp.ema_sigma_rel else ()):
+    if not 0.0 < width <= phema.MAX_SIGMA_REL:
+      field = ('sampling.ema_sigma_rel' if width not in widths else
+               f'training.phema_sigma_rels={widths}')
+      raise ValueError(f'{field}: sigma_rel {width} must lie in (0, {phema.MAX_SIGMA_REL}] '
+                       '(EDM2 tracks 0.05 and 0.10).')
+  if len(set(widths)) != len(widths):
+    raise ValueError(f'training.phema_sigma_rels={widths} lists a width twice.')
+  if widths:
+    every = train.phema_snapshot_every
+    if every < 1 or every % train.steps_per_call:
+      raise ValueError(f'training.phema_snapshot_every={every} must be a positive multiple of '
+                       f'training.steps_per_call={train.steps_per_call}.')
+    _choice(train.phema_dtype, posthoc_ema.DTYPES, 'training.phema_dtype')
 
 
 def _validate_sampling(samp, num_timesteps: int, previews: bool) -> None:

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import checkpointing, input_pipeline, models, parallel, schedules
+from diffusion_jax import (checkpointing, input_pipeline, models, parallel, phema, posthoc_ema,
+                           schedules)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -27,6 +28,9 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   ema_params: Any
   rng: jnp.ndarray  # uint32 [2]: the root key of all training noise
+  # Power-function averages of the parameters, one per training.phema_sigma_rels (post-hoc
+  # EMA); empty when that is off, which keeps the checkpoints of earlier versions restorable.
+  phema_params: tuple = ()
 
 
 class Task(NamedTuple):
@@ -72,6 +76,11 @@ def update_ema(tc, ema_params, params, step: jnp.ndarray):
   return optax.incremental_update(params, ema_params, 1.0 - ema_decay(tc, step))
 
 
+def power_ema(config) -> phema.PowerEMA:
+  """The power-function averages that training tracks (training.phema_sigma_rels)."""
+  return phema.power_ema(tuple(config.training.get('phema_sigma_rels', ())))
+
+
 def create_task(config) -> Task:
   info = input_pipeline.data_info(config)
   tx, lr = create_optimizer(config.training)
@@ -91,7 +100,8 @@ def init_train_state(config, task: Task) -> TrainState:
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.training.seed))
   params = init_params(task.model, task.info, init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.tx.init(params),
-                    ema_params=params, rng=train_rng)
+                    ema_params=params, rng=train_rng,
+                    phema_params=power_ema(config).init(params))
 
 
 # init_train_state runs once, and on CPU most of its compile time is LLVM optimising the
@@ -117,9 +127,15 @@ def restore_ema_params(config, task: Task, mesh, workdir: str, step: int | None 
   the latest) in `<workdir>/checkpoints`.
 
   Reads those parameters and the step only, not the parameters and Adam moments that training
-  also saves: a quarter of a full TrainState's memory.
+  also saves: a quarter of a full TrainState's memory. With sampling.ema_sigma_rel > 0 they are
+  instead the post-hoc EMA of that width at `step` (default: the last snapshot), reconstructed
+  from the snapshots in `<workdir>/phema/`.
   """
   target = abstract_train_state(config, task, mesh)
+  sigma_rel = config.sampling.get('ema_sigma_rel', 0.0)
+  if sigma_rel:
+    params, step, _ = posthoc_ema.reconstruct(workdir, sigma_rel, target.params, step)
+    return params, step
   manager = checkpointing.create_manager(workdir, read_only=True)
   try:
     fields = checkpointing.restore_fields(

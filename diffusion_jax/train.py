@@ -24,7 +24,8 @@ import numpy as np
 import optax
 
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
-                           input_pipeline, metric_logging, parallel, task as task_lib)
+                           input_pipeline, metric_logging, parallel, posthoc_ema,
+                           task as task_lib)
 from diffusion_jax.task import Task, TrainState
 
 
@@ -72,10 +73,11 @@ def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[T
   updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = task_lib.update_ema(tc, state.ema_params, params, state.step)
+  averages = task_lib.power_ema(config).update(state.phema_params, params, state.step + 1)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': task.learning_rate(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       ema_params=ema), metrics
+                       ema_params=ema, phema_params=averages), metrics
 
 
 def make_train_step(config, task: Task, mesh):
@@ -144,6 +146,7 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
       config, task, mesh, sampler=config.sampling.preview_sampler,
       num_steps=config.sampling.preview_steps)
   progress = metric_logging.Progress(tc.num_steps, start=step, items_per_step=tc.batch_size)
+  snapshots = _snapshot_manager(config, workdir, state) if tc.phema_sigma_rels else None
   k = tc.steps_per_call
   pending = []  # device-side metrics since the last log: no host sync per step
 
@@ -181,17 +184,37 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
         writer.write_scalars(step, summary)
       if _crossed(step, k, tc.sample_every) or (last and tc.sample_every):
         write_preview(config, preview, state.ema_params, step, workdir, writer)
-      if _crossed(step, k, tc.checkpoint_every) or last or stop:
+      snapshot = snapshots is not None and (_crossed(step, k, tc.phema_snapshot_every) or last)
+      if _crossed(step, k, tc.checkpoint_every) or last or stop or snapshot:
         if pending:  # steps since the last log must be finite before they are saved
           fetch_checked(clear=False)
+      if snapshot:
+        posthoc_ema.save_snapshot(snapshots, step, state.phema_params, tc.phema_sigma_rels,
+                                  tc.phema_dtype)
+      if _crossed(step, k, tc.checkpoint_every) or last or stop:
         checkpointing.save(manager, step, state)
       if stop:
         logging.info('Preempted: saved step %d, exiting.', step)
         break
   manager.wait_until_finished()
   manager.close()
+  if snapshots is not None:
+    snapshots.wait_until_finished()
+    snapshots.close()
   writer.flush()
   return state
+
+
+def _snapshot_manager(config, workdir: str, state):
+  """The post-hoc EMA snapshots' manager, after logging the disk they will take."""
+  tc = config.training
+  count = -(-tc.num_steps // tc.phema_snapshot_every)
+  size = posthoc_ema.disk_bytes(state.params, len(tc.phema_sigma_rels), count, tc.phema_dtype)
+  logging.info('Post-hoc EMA: averages of sigma_rel %s, a snapshot every %d steps in %s: %d '
+               'snapshots x %d averages, %.2f GB in %s.', tuple(tc.phema_sigma_rels),
+               tc.phema_snapshot_every, tc.phema_dtype, count, len(tc.phema_sigma_rels),
+               size / 1e9, posthoc_ema.snapshot_dir(workdir))
+  return posthoc_ema.create_manager(workdir)
 
 
 def write_preview(config, generate, params, step: int, workdir: str, writer) -> None:

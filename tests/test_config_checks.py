@@ -48,7 +48,7 @@ def test_good_configs_pass():
 
 
 @pytest.mark.parametrize('name', ['default', 'flowers', 'flowers_keras', 'cifar10', 'digits',
-                                  'toy2d', 'bench'])
+                                  'digits_cond', 'toy2d', 'bench'])
 def test_shipped_configs_are_valid(name):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config()
