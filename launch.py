@@ -13,6 +13,7 @@ if __name__ == '__main__':
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -32,6 +33,8 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordin
 flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
 flags.DEFINE_bool('distributed', False, 'Initialise jax.distributed from the environment '
                   '(TPU pods, Slurm, Open MPI) without explicit addresses.')
+flags.DEFINE_bool('traceback', False, 'On a failure, show the whole traceback instead of the '
+                  'one line that names what failed.')
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
@@ -64,7 +67,24 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
 
 
+# Failures that name their cause and fix in their message (bad settings, data, files, storage,
+# a diverged run): shown as that one line, without the traceback of where it was noticed.
+_NAMED_FAILURES = (ValueError, OSError, RuntimeError, FloatingPointError)
+
+
 def main(argv):
+  try:
+    run(argv)
+  except _NAMED_FAILURES as e:
+    if FLAGS.traceback:
+      raise
+    logging.flush()
+    print(f'launch.py --mode={FLAGS.mode}: {type(e).__name__}: {e}', file=sys.stderr,
+          flush=True)
+    sys.exit(1)
+
+
+def run(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   enable_compilation_cache()
@@ -81,7 +101,13 @@ def main(argv):
   if FLAGS.mode == 'train':
     from diffusion_jax import train
     train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == 'sample':
+    return
+  # Sampling and evaluation build the network the run was trained with (its config.json); the
+  # command line may change their own settings, not what the network is.
+  from diffusion_jax import run_config
+  config = run_config.for_sampling(config, FLAGS.workdir,
+                                   config_flags.get_override_values(FLAGS['config']))
+  if FLAGS.mode == 'sample':
     from diffusion_jax import sampling
     sampling.sample(config, FLAGS.workdir)
   else:

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.shuffle_buffer = 10_000  # tf.data shuffle buffer (in-memory sources shuffle fully)
   data.num_points = 100_000  # toy2d: size of the fixed point set
   data.prefetch = 2  # batches prefetched to the devices
+  data.check_images = True  # folder: decode every image once at start, skip (and name) bad ones
 
   config.model = model = ml_collections.ConfigDict()
   model.architecture = 'unet'  # unet | mlp
@@ -43,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = 'linear'  # linear | cosine | offset_cosine | sigmoid
+  diffusion.schedule_kwargs = ''  # the schedule's own parameters, e.g. 'beta_end=0.01' (linear)
   diffusion.num_timesteps = 1000  # T
   diffusion.prediction_type = 'eps'  # eps | x0 | v
   diffusion.loss = 'l2'  # l2 | l1

@@ -13,22 +13,46 @@ def _choice(value, choices, field: str):
     raise ValueError(f'{field}={value!r} is unknown; choose one of {tuple(choices)}.')
 
 
-def validate(config, num_devices: int) -> None:
-  """Raises ValueError, naming the field, for the first bad value found."""
+MODES = ('train', 'sample', 'eval', 'summary')
+
+
+def validate(config, num_devices: int, mode: str = 'train') -> None:
+  """Raises ValueError, naming the field, for the first bad value found.
+
+  Only what `mode` uses is checked: sampling and eval settings do not stop training (its
+  previews are checked when there are any), and training settings such as the batch size do not
+  stop sampling a run on another number of devices.
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode={mode!r} is unknown; choose one of {MODES}.')
   data, model, diff, train, samp = (config.data, config.model, config.diffusion,
                                     config.training, config.sampling)
   _choice(data.source, sources.SOURCES, 'data.source')
   if data.source == 'toy2d':
     _choice(data.name, sources.TOY_DATASETS, 'data.name')
-  _choice(model.architecture, models.ARCHITECTURES, 'model.architecture')
+  _validate_model(data, model)
   _choice(diff.schedule, schedules.SCHEDULES, 'diffusion.schedule')
+  schedules.kwargs_from_config(diff)  # names unknown or malformed diffusion.schedule_kwargs
   _choice(diff.prediction_type, diffusion.PREDICTION_TYPES, 'diffusion.prediction_type')
   _choice(diff.loss, diffusion.LOSS_TYPES, 'diffusion.loss')
-  _choice(train.lr_schedule, LR_SCHEDULES, 'training.lr_schedule')
   if diff.num_timesteps < 2:
     raise ValueError(f'diffusion.num_timesteps={diff.num_timesteps} must be at least 2.')
-  _validate_sampling(samp, diff.num_timesteps, previews=train.sample_every > 0)
+  if mode == 'train':
+    _validate_training(train, num_devices)
+    _validate_posthoc_ema(train)
+    if train.sample_every > 0:
+      _validate_sampling(samp, diff.num_timesteps, preview=True)
+  elif mode in ('sample', 'eval'):
+    _validate_sampling(samp, diff.num_timesteps, preview=False)
+    if samp.batch_size < 1:
+      raise ValueError(f'sampling.batch_size={samp.batch_size} must be at least 1.')
+    if samp.ema_sigma_rel and not 0.0 < samp.ema_sigma_rel <= phema.MAX_SIGMA_REL:
+      raise ValueError(f'sampling.ema_sigma_rel={samp.ema_sigma_rel} must lie in (0, '
+                       f'{phema.MAX_SIGMA_REL}] (0: the EMA of training.ema_decay).')
 
+
+def _validate_training(train, num_devices: int) -> None:
+  _choice(train.lr_schedule, LR_SCHEDULES, 'training.lr_schedule')
   per_call = train.batch_size
   if per_call <= 0 or per_call % num_devices:
     raise ValueError(f'training.batch_size={per_call} (global) must be a positive multiple of '
@@ -43,8 +67,16 @@ def validate(config, num_devices: int) -> None:
                        f'training.steps_per_call={train.steps_per_call}.')
   if not 0.0 <= train.ema_decay < 1.0:
     raise ValueError(f'training.ema_decay={train.ema_decay} must lie in [0, 1).')
-  _validate_posthoc_ema(train, samp)
 
+
+def _validate_model(data, model) -> None:
+  _choice(model.architecture, models.ARCHITECTURES, 'model.architecture')
+  if model.dtype == 'float16':
+    raise ValueError('model.dtype=float16 trains without loss scaling here, and its 5-bit '
+                     'exponent overflows in the U-Net\'s activations and gradients; use '
+                     '--config.model.dtype=bfloat16 (the same speed on current GPUs and TPUs, '
+                     'float32\'s range, no loss scaling needed).')
+  _choice(model.dtype, models.DTYPES, 'model.dtype')
   if model.architecture == 'unet':
     if data.source == 'toy2d':
       raise ValueError('data.source=toy2d needs model.architecture=mlp (the data are points).')
@@ -67,14 +99,12 @@ def validate(config, num_devices: int) -> None:
     raise ValueError('model.architecture=mlp is for data.source=toy2d; use unet for images.')
 
 
-def _validate_posthoc_ema(train, samp) -> None:
+def _validate_posthoc_ema(train) -> None:
   widths = tuple(train.phema_sigma_rels)
-  for width in widths + ((samp.ema_sigma_rel,) if samp.ema_sigma_rel else ()):
+  for width in widths:
     if not 0.0 < width <= phema.MAX_SIGMA_REL:
-      field = ('sampling.ema_sigma_rel' if width not in widths else
-               f'training.phema_sigma_rels={widths}')
-      raise ValueError(f'{field}: sigma_rel {width} must lie in (0, {phema.MAX_SIGMA_REL}] '
-                       '(EDM2 tracks 0.05 and 0.10).')
+      raise ValueError(f'training.phema_sigma_rels={widths}: sigma_rel {width} must lie in (0, '
+                       f'{phema.MAX_SIGMA_REL}] (EDM2 tracks 0.05 and 0.10).')
   if len(set(widths)) != len(widths):
     raise ValueError(f'training.phema_sigma_rels={widths} lists a width twice.')
   if widths:
@@ -85,20 +115,18 @@ def _validate_posthoc_ema(train, samp) -> None:
     _choice(train.phema_dtype, posthoc_ema.DTYPES, 'training.phema_dtype')
 
 
-def _validate_sampling(samp, num_timesteps: int, previews: bool) -> None:
-  """The sampler settings: names, step counts, orders, and options only some samplers have;
-  those of the training previews only when there are previews."""
-  _choice(samp.sampler, step_tables.SAMPLERS, 'sampling.sampler')
-  if previews:
-    _choice(samp.preview_sampler, step_tables.SAMPLERS, 'sampling.preview_sampler')
+def _validate_sampling(samp, num_timesteps: int, preview: bool) -> None:
+  """The settings of the sampler that runs: the training previews' (sampling.preview_sampler,
+  .preview_steps) or the one of --mode=sample/eval (sampling.sampler, .num_steps)."""
+  sampler, steps = ('preview_sampler', 'preview_steps') if preview else ('sampler', 'num_steps')
+  _choice(samp[sampler], step_tables.SAMPLERS, f'sampling.{sampler}')
   _choice(samp.spacing, timesteps.SPACINGS, 'sampling.spacing')
   if samp.solver_order not in range(1, step_tables.MAX_ORDER + 1):
     raise ValueError(f'sampling.solver_order={samp.solver_order} must be 1, 2 or 3.')
-  for field in ('num_steps',) + (('preview_steps',) if previews else ()):
-    if not 1 <= samp[field] <= num_timesteps:
-      raise ValueError(f'sampling.{field}={samp[field]} must lie in '
-                       f'[1, diffusion.num_timesteps={num_timesteps}].')
-  if samp.stochastic and samp.sampler != 'dpm_solver++':
+  if samp[sampler] != 'ddpm' and not 1 <= samp[steps] <= num_timesteps:
+    raise ValueError(f'sampling.{steps}={samp[steps]} must lie in '
+                     f'[1, diffusion.num_timesteps={num_timesteps}].')
+  if samp.stochastic and samp[sampler] != 'dpm_solver++':
     raise ValueError(f'sampling.stochastic=True is the SDE form of dpm_solver++, but '
-                     f'sampling.sampler={samp.sampler!r}; set --config.sampling.sampler='
+                     f'sampling.{sampler}={samp[sampler]!r}; set --config.sampling.{sampler}='
                      'dpm_solver++, or stochastic=False (for ddim use sampling.eta).')

@@ -43,12 +43,15 @@ def _missing_weights_error() -> ValueError:
       'set --config.eval.bpd_num_examples=N instead.')
 
 
-def _gather(features: np.ndarray) -> np.ndarray:
-  """Every process's rows, concatenated (each process holds its share of the data set)."""
-  if jax.process_count() == 1:
-    return features
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(features, tiled=True))
+def _gather(rows: np.ndarray, count: int) -> np.ndarray:
+  """Every process's real rows, concatenated: each holds its share of `count` examples padded
+  to the same length (`input_pipeline.host_share_sizes`), which is dropped here."""
+  sizes, length = input_pipeline.host_share_sizes(count)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+  blocks = rows.reshape((len(sizes), length) + rows.shape[1:])
+  return np.concatenate([block[:n] for block, n in zip(blocks, sizes)])
 
 
 def _reference_meta(config) -> dict:
@@ -78,8 +81,8 @@ def reference_statistics(config, workdir: str, features_fn) -> tuple:
         mu, sigma = feature_distances.load_statistics(paths[0])
         return mu, sigma, np.load(paths[1]).astype(np.float64)
   start = time.perf_counter()
-  feats = _gather(features_fn(input_pipeline.reference_images(config,
-                                                              config.eval.num_reference)))
+  count = config.eval.num_reference
+  feats = _gather(features_fn(input_pipeline.reference_images(config, count)), count)
   mu, sigma = feature_distances.feature_statistics(feats)
   logging.info('Reference statistics of %d images in %.1f s.', len(feats),
                time.perf_counter() - start)
@@ -138,26 +141,30 @@ def make_bpd_fn(config, task, mesh) -> Callable:
 def bits_per_dim(config, task, mesh, params) -> float:
   """Mean bits/dim over eval.bpd_num_examples held-out images."""
   ev = config.eval
-  x, labels = input_pipeline.held_out_images(config, ev.bpd_num_examples)
-  per_host = parallel.round_up(min(ev.bpd_batch_size, ev.bpd_num_examples), mesh.size)
-  per_host //= jax.process_count()
+  count = ev.bpd_num_examples
+  x, labels, _ = input_pipeline.held_out_images(config, count)
+  sizes, _ = input_pipeline.host_share_sizes(count)
+  per_host = parallel.round_up(min(ev.bpd_batch_size, count), mesh.size) // jax.process_count()
   sharding = parallel.batch_sharding(mesh)
   bpd_fn = make_bpd_fn(config, task, mesh)
   rng = jax.random.PRNGKey(config.sampling.seed)
+  # Every process runs the same batches (its share padded to the same length); a row is real
+  # when its place in its process's share is below that process's count.
   num_batches = -(-len(x) // per_host)
   progress = metric_logging.Progress(num_batches, items_per_step=per_host * jax.process_count(),
                                      unit='batch', label='bits/dim')
   values = []
-  for i in range(0, len(x), per_host):
-    real = {'x': x[i:i + per_host], 'label': labels[i:i + per_host]}
-    n = len(real['x'])
-    batch = parallel.host_to_global(parallel.pad_rows(real, per_host), sharding)
+  for b in range(num_batches):
+    i = b * per_host
+    rows = parallel.pad_rows({'x': x[i:i + per_host], 'label': labels[i:i + per_host]},
+                             per_host)
+    batch = parallel.host_to_global(rows, sharding)
     out = np.asarray(jax.device_get(bpd_fn(params, batch['x'], batch['label'],
                                            jax.random.fold_in(rng, i))))
-    # The global result concatenates every host's rows; this host's real ones come first in
-    # its block, and each host pads the same way, so take every block's first n.
-    values.append(out.reshape(jax.process_count(), per_host)[:, :n].ravel())
-    progress.log(i // per_host + 1)
+    place = i + np.arange(per_host)
+    real = np.concatenate([place < n for n in sizes])
+    values.append(out[real])
+    progress.log(b + 1)
   values = np.concatenate(values)
   if not np.all(np.isfinite(values)):
     raise FloatingPointError('bits/dim is not finite; is the checkpoint healthy?')
@@ -184,7 +191,7 @@ def evaluate(config, workdir: str) -> dict:
     raise FileNotFoundError(f'eval.inception_path={ev.inception_path!r} does not exist. '
                             f'{_missing_weights_error()}')
   mesh = parallel.create_mesh()
-  config_checks.validate(config, mesh.size)
+  config_checks.validate(config, mesh.size, mode='eval')
   task = task_lib.create_task(config)
   ckpt = config.sampling.checkpoint_step
   params, step = task_lib.restore_ema_params(config, task, mesh, workdir,

@@ -13,6 +13,22 @@ import os
 from typing import Any, Callable
 
 
+def check_writable(directory: str, setting: str = '--workdir') -> None:
+  """Creates `directory` if needed and writes a probe file there; raises one line naming the
+  setting, the directory and the reason when it cannot be (cloud paths are not probed)."""
+  if '://' in directory:
+    return
+  probe = os.path.join(directory, '.write_probe')
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'{setting}={directory} cannot be written: {e.strerror or e} '
+                  f'({e.filename or directory}); choose a directory you can write to.') from None
+
+
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
   """Calls `write(tmp)` with a temporary path beside `path`, then renames it onto `path`.
 

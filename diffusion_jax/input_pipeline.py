@@ -37,13 +37,15 @@ def example_shape(config) -> tuple:
 
 
 def data_info(config) -> DataInfo:
-  """The example shape and the label count the model is built for."""
+  """The example shape and the label count the model is built for (data.num_classes, or when
+  that is 0 the source's own count: `sources.num_classes_of`)."""
   num_classes = 0
   if config.data.class_conditional:
-    num_classes = config.data.num_classes or {'digits': 10}.get(config.data.source, 0)
+    num_classes = config.data.num_classes or sources.num_classes_of(config)
     if not num_classes:
-      raise ValueError('data.class_conditional=True needs data.num_classes for source '
-                       f'{config.data.source!r}; set --config.data.num_classes=N.')
+      raise ValueError('data.class_conditional=True, but the source has no labels to count '
+                       f'(data.source={config.data.source!r}); set --config.data.num_classes=N '
+                       'or train unconditionally.')
   return DataInfo(example_shape(config), num_classes)
 
 
@@ -82,32 +84,48 @@ def numpy_batches(x: np.ndarray, labels: Optional[np.ndarray], batch_size: int, 
     step += 1
 
 
-def tf_dataset(config, batch_size: int, *, splits: str, train: bool = True):
-  """A tf.data pipeline of this host's share: dict(image uint8/float, label) batches."""
+def tf_dataset(config, batch_size: int, *, splits: str, train: bool = True, start_step: int = 0):
+  """A tf.data pipeline of this host's share: dict(image uint8/float, label) batches.
+
+  Training shuffles with a seed made of training.seed, the process and `start_step`, so a run
+  that resumes does not replay the order of its first start (the order is not the one an
+  uninterrupted run would have seen: only the in-memory sources give that).
+  """
   tf = sources.import_tensorflow()
   size, channels = config.data.image_size, config.data.channels
+  seed = int(np.random.default_rng([config.training.seed, jax.process_index(),
+                                    start_step]).integers(2 ** 31))
+  num_classes = config.data.num_classes if config.data.class_conditional else 0
   if config.data.source == 'tfds':
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder = sources.tfds_builder(config)
+    _check_tfds_features(config, builder.info.features)
     # Each '+' part is split over hosts on its own, so every host gets its share of each.
     split = functools.reduce(operator.add, [
         tfds.split_for_jax_process(part, drop_remainder=True) for part in splits.split('+')])
-    ds = builder.as_dataset(split=split, shuffle_files=train)
+    ds = builder.as_dataset(split=split, shuffle_files=train,
+                            read_config=tfds.ReadConfig(shuffle_seed=seed))
     ds = ds.map(lambda ex: (ex['image'], tf.cast(ex.get('label', 0), tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE)
   else:
-    files, labels, _ = sources.folder_files(config.data.path)
+    files, labels, found = sources.folder_files(config.data.path)
+    if num_classes and found > num_classes:
+      raise ValueError(f'data.path={config.data.path!r} has {found} class subfolders, more than '
+                       f'data.num_classes={num_classes}; set --config.data.num_classes={found} '
+                       '(or 0 to count them).')
     n = len(files) // jax.process_count() * jax.process_count()
     share = slice(jax.process_index(), n, jax.process_count())
-    ds = tf.data.Dataset.from_tensor_slices((files[share], labels[share]))
+    files, labels = files[share], labels[share]
+    if config.data.check_images:
+      files, labels = sources.readable_images(tf, files, labels, channels)
+    ds = tf.data.Dataset.from_tensor_slices((files, labels))
     ds = ds.map(lambda f, l: (tf.io.decode_image(tf.io.read_file(f), channels=channels,
                                                  expand_animations=False), l),
                 num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(lambda im, l: (sources.tf_center_crop_resize(tf, im, size), l),
               num_parallel_calls=tf.data.AUTOTUNE).cache()
   if train:
-    ds = ds.repeat().shuffle(config.data.shuffle_buffer,
-                             seed=config.training.seed + jax.process_index())
+    ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed)
   flip = train and config.data.random_flip
 
   def finish(image, label):
@@ -119,6 +137,22 @@ def tf_dataset(config, batch_size: int, *, splits: str, train: bool = True):
   return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+def _check_tfds_features(config, features) -> None:
+  """The TFDS data set's channels and label count against data.channels and data.num_classes."""
+  name = config.data.name
+  image = features['image'] if 'image' in features else None
+  stored = image.shape[-1] if image is not None and image.shape else None
+  if stored is not None and stored != config.data.channels:
+    raise ValueError(f'data.channels={config.data.channels} but TFDS {name!r} stores {stored}; '
+                     f'set --config.data.channels={stored}.')
+  if config.data.class_conditional and 'label' in features:
+    count = int(features['label'].num_classes)
+    if count > config.data.num_classes:
+      raise ValueError(f'TFDS {name!r} has {count} labels, more than data.num_classes='
+                       f'{config.data.num_classes}; set --config.data.num_classes={count} (or 0 '
+                       'to read it).')
+
+
 # --- global batches ------------------------------------------------------------------------------
 
 def host_batches(config, batch_size: int, *, start_step: int = 0) -> Iterator[dict]:
@@ -127,12 +161,17 @@ def host_batches(config, batch_size: int, *, start_step: int = 0) -> Iterator[di
   if source not in sources.SOURCES:
     raise ValueError(f'data.source={source!r} is unknown; choose one of {sources.SOURCES}.')
   if source in ('tfds', 'folder'):
-    ds = tf_dataset(config, batch_size, splits=config.data.splits, train=True)
+    ds = tf_dataset(config, batch_size, splits=config.data.splits, train=True,
+                    start_step=start_step)
     return ds.as_numpy_iterator()
   # In-memory data are small: every process holds all of it and takes its block of each global
   # batch. The block is process_index-th because the mesh orders devices as jax.devices() does,
   # process by process, so that is the block make_array_from_process_local_data places here.
   x, labels = sources.load_in_memory(config)
+  if config.data.class_conditional:
+    sources.check_labels(labels, config.data.num_classes or sources.num_classes_of(config),
+                         f'data.source={source}' + (f' ({config.data.path})'
+                                                    if source == 'npz' else ''))
   return numpy_batches(x, labels, batch_size * jax.process_count(),
                        seed=config.training.seed * 1000, random_flip=config.data.random_flip,
                        start_step=start_step, process_index=jax.process_index(),
@@ -197,44 +236,62 @@ def tf_images(config, splits: str, count: int, batch_size: int = 100) -> Iterato
                      '--config.eval.bpd_num_examples.')
 
 
-def _host_share(x: np.ndarray) -> np.ndarray:
-  return x[jax.process_index()::jax.process_count()]
+def host_share_sizes(count: int) -> tuple[list, int]:
+  """How `count` examples split over the processes: [examples of process p], and the padded
+  length every process uses, so that they all run the same batches (collectives need it)."""
+  p = jax.process_count()
+  sizes = [count // p + (i < count % p) for i in range(p)]
+  return sizes, max(sizes)
+
+
+def _padded(x: np.ndarray, length: int) -> np.ndarray:
+  return parallel.pad_rows(x, length)
 
 
 def reference_images(config, count: int) -> Iterator[np.ndarray]:
-  """This host's share of the first `count` training images: float32 chunks in [-1, 1]."""
+  """This host's share of the first `count` training images, float32 chunks in [-1, 1], padded
+  with copies of its last image to `host_share_sizes(count)[1]` images (drop the padding after
+  gathering: process p's real rows are its first `sizes[p]`)."""
+  sizes, length = host_share_sizes(count)
+  mine = sizes[jax.process_index()]
   if config.data.source in ('tfds', 'folder'):
-    for x, _ in tf_images(config, config.data.splits, count // jax.process_count()):
+    chunks = [x for x, _ in tf_images(config, config.data.splits, mine)]
+    for x in chunks[:-1]:
       yield x
+    yield _padded(chunks[-1], len(chunks[-1]) + length - mine)
     return
   x, _ = sources.load_in_memory(config)
   if len(x) < count:
     raise ValueError(f'eval.num_reference={count} but the {config.data.source} data set has '
                      f'{len(x)} images; set --config.eval.num_reference={len(x)}.')
-  x = _host_share(x[:count])
+  x = _padded(x[:count][jax.process_index()::jax.process_count()], length)
   for i in range(0, len(x), 500):
     yield images.to_model_range(x[i:i + 500])
 
 
-def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """This host's share of `count` held-out images (float32 in [-1, 1]) and int32 labels.
+def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """This host's share of `count` held-out images (float32 in [-1, 1]), their int32 labels, and
+  how many are real: both padded to `host_share_sizes(count)[1]` rows.
 
   TFDS: data.eval_splits. In-memory sources: the last `count` examples (trained on as well:
   these sources have no held-out split). Folder: the first `count` images of data.path.
   """
   source = config.data.source
+  sizes, length = host_share_sizes(count)
+  mine = sizes[jax.process_index()]
   if source in ('tfds', 'folder'):
     if source == 'folder':
       logging.info('data.source=folder has no held-out split: bits/dim uses the first %d images '
                    'of data.path, which training saw.', count)
-    chunks = list(tf_images(config, config.data.eval_splits if source == 'tfds' else '',
-                             count // jax.process_count()))
-    return (np.concatenate([c[0] for c in chunks]),
-            np.concatenate([c[1] for c in chunks]).astype(np.int32))
-  x, labels = sources.load_in_memory(config)
-  if len(x) < count:
-    raise ValueError(f'eval.bpd_num_examples={count} but the {source} data set has {len(x)} '
-                     f'images; set --config.eval.bpd_num_examples={len(x)}.')
-  labels = np.zeros(len(x), np.int32) if labels is None else labels
-  return (images.to_model_range(_host_share(x[-count:])),
-          _host_share(labels[-count:]))
+    chunks = list(tf_images(config, config.data.eval_splits if source == 'tfds' else '', mine))
+    x = np.concatenate([c[0] for c in chunks])
+    labels = np.concatenate([c[1] for c in chunks]).astype(np.int32)
+  else:
+    x, labels = sources.load_in_memory(config)
+    if len(x) < count:
+      raise ValueError(f'eval.bpd_num_examples={count} but the {source} data set has {len(x)} '
+                       f'images; set --config.eval.bpd_num_examples={len(x)}.')
+    labels = np.zeros(len(x), np.int32) if labels is None else labels
+    share = slice(jax.process_index(), None, jax.process_count())
+    x, labels = images.to_model_range(x[-count:][share]), labels[-count:][share]
+  return _padded(x, length), _padded(labels, length), mine

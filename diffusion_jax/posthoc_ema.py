@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffusion_jax import phema
+from diffusion_jax import checkpointing, phema
 
 SNAPSHOT_DIR = 'phema'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -58,8 +58,8 @@ def save_snapshot(manager: ocp.CheckpointManager, step: int, averages: tuple,
   cast = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), averages)
   meta = {'step': int(step), 'sigma_rels': [float(s) for s in sigma_rels],
           'gammas': [phema.sigma_rel_to_gamma(s) for s in sigma_rels], 'dtype': dtype}
-  manager.save(step, args=ocp.args.Composite(profiles=ocp.args.PyTreeSave(cast),
-                                             meta=ocp.args.JsonSave(meta)))
+  checkpointing.save(manager, step, None, args=ocp.args.Composite(
+      profiles=ocp.args.PyTreeSave(cast), meta=ocp.args.JsonSave(meta)))
   return True
 
 

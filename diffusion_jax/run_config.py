@@ -16,6 +16,8 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from diffusion_jax import files
+
 CONFIG_JSON = 'config.json'
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'configs')
@@ -91,3 +93,122 @@ def load_config(workdir: str, config_file: str | None = None) -> ml_collections.
                             'file given; pass one such as configs/digits.py.')
   logging.info('No %s in %s: config from %s.', CONFIG_JSON, workdir, config_file)
   return config_from_file(config_file)
+
+
+# --- a run's config against the one given now ---------------------------------------------------
+
+HISTORY = 'config_history.jsonl'  # changes made when a run resumed, one JSON object per resume
+FINISHED_JSON = 'finished.json'  # written when training reaches training.num_steps
+# What the trained network is: these may not change when a run resumes or is sampled.
+NETWORK_GROUPS = ('model', 'diffusion')
+NETWORK_DATA_FIELDS = ('source', 'name', 'image_size', 'channels', 'class_conditional',
+                       'num_classes')
+
+
+def _flat(config) -> dict:
+  """{'group.field': value} of a ConfigDict or dict, sequences as lists (as JSON has them)."""
+  values = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  out = {}
+  for group, fields in values.items():
+    if isinstance(fields, dict):
+      for name, value in fields.items():
+        out[f'{group}.{name}'] = list(value) if isinstance(value, (tuple, list)) else value
+  return out
+
+
+def is_network_field(key: str) -> bool:
+  group, _, name = key.partition('.')
+  return group in NETWORK_GROUPS or (group == 'data' and name in NETWORK_DATA_FIELDS)
+
+
+def differences(trained, given, keys=None) -> dict:
+  """{field: (trained value, given value)} where the two configs differ (fields either lacks
+  are compared with None); only `keys` when given."""
+  a, b = _flat(trained), _flat(given)
+  keys = sorted(set(a) | set(b)) if keys is None else keys
+  return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+
+
+def _refusal(what: str, workdir: str, diffs: dict, fix: str) -> ValueError:
+  listed = '; '.join(f'{k}: trained {a!r}, given {b!r}' for k, (a, b) in diffs.items())
+  return ValueError(f'{what} the network the run in {workdir} was trained with ({CONFIG_JSON}), '
+                    f'but the config given differs in {listed}. {fix}')
+
+
+def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """`<workdir>/config.json` read back, or None when the run has none yet."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / CONFIG_JSON
+  return config_from_json(path.read_text()) if path.exists() else None
+
+
+def for_sampling(config, workdir: str, overrides: dict) -> ml_collections.ConfigDict:
+  """The config of --mode=sample / --mode=eval: the run's own (config.json) with the sampling
+  and eval groups of `config`, and its other data fields (paths of the data, which may have
+  moved). `overrides` ({'group.field': value}, the command line's) may not change what the
+  network is; if they do, the error names each field with both values."""
+  trained = trained_config(workdir)
+  if trained is None:
+    logging.info('No %s in %s: the network is built from the config given.', CONFIG_JSON,
+                 workdir)
+    return config
+  changed = differences(trained, config, [k for k in overrides if is_network_field(k)])
+  if changed:
+    raise _refusal('Sampling and evaluation build', workdir, changed,
+                   'Drop those --config overrides: the network comes from the run.')
+  merged = trained.copy_and_resolve_references()
+  for group in ('sampling', 'eval'):
+    merged[group] = config[group]
+  for key, value in _flat(config).items():
+    group, _, name = key.partition('.')
+    if group == 'data' and not is_network_field(key) and name in merged.data:
+      merged.data[name] = config.data[name]
+  return merged
+
+
+def check_resume(config, workdir: str) -> dict:
+  """Before a run resumes from a checkpoint: raises, naming the fields and both values, if the
+  network settings differ from config.json's; returns the other changes, {field: (was, now)}."""
+  trained = trained_config(workdir)
+  if trained is None:
+    return {}
+  changed = differences(trained, config)
+  network = {k: v for k, v in changed.items() if is_network_field(k)}
+  if network:
+    raise _refusal('Resuming trains', workdir, network,
+                   'Use the settings it was trained with, or train into a new --workdir.')
+  return changed
+
+
+def record_config(config, workdir: str, *, resumed_at: int | None, changes: dict) -> None:
+  """Writes config.json for a new run; for a resumed one keeps config.json as it is and appends
+  the changed fields to config_history.jsonl, so the first config is never lost."""
+  path = os.path.join(workdir, CONFIG_JSON)
+  if resumed_at is None:
+    moved = files.move_aside(path)  # a config.json without a checkpoint: a run that never saved
+    if moved:
+      logging.info('Kept the config of a run without checkpoints as %s.', moved)
+    files.write_text(path, config.to_json_best_effort(indent=2))
+  elif changes:
+    line = json.dumps({'resumed_at_step': resumed_at,
+                       'changes': {k: {'was': a, 'now': b} for k, (a, b) in changes.items()}},
+                      default=str)
+    with open(os.path.join(workdir, HISTORY), 'a') as f:
+      f.write(line + '\n')
+    logging.info('Resumed at step %d with changed settings (recorded in %s): %s', resumed_at,
+                 HISTORY, ', '.join(f'{k}={b!r} (was {a!r})' for k, (a, b) in changes.items()))
+
+
+def write_finished(workdir: str, step: int) -> None:
+  """The completion record: training reached its last step and its checkpoint is written."""
+  files.write_json(os.path.join(workdir, FINISHED_JSON), {'step': int(step)})
+
+
+def finished_step(workdir: str) -> int | None:
+  """The step of a run's completion record, or None if it has not finished."""
+  path = os.path.join(workdir, FINISHED_JSON)
+  try:
+    with open(path) as f:
+      return int(json.load(f)['step'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None

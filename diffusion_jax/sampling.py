@@ -34,7 +34,8 @@ def sample(config, workdir: str) -> dict:
   """Writes samples.npz and grid.png (and trajectory.png) under workdir/samples; returns
   {'seconds', 'step', and the paths written}."""
   mesh = parallel.create_mesh()
-  config_checks.validate(config, mesh.size)
+  config_checks.validate(config, mesh.size, mode='sample')
+  files.check_writable(os.path.join(workdir, 'samples'))
   sc = config.sampling
   task = task_lib.create_task(config)
   params, step = task_lib.restore_ema_params(

@@ -9,6 +9,7 @@ does) and stored as float32.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -123,8 +124,30 @@ class Schedule:
     return cls(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()})
 
 
+def kwargs_from_config(diffusion_config) -> dict:
+  """diffusion.schedule_kwargs, 'name=value,name=value' (e.g. 'beta_end=0.01'), as a dict of
+  floats; each name must be a parameter of diffusion.schedule's function."""
+  text = diffusion_config.get('schedule_kwargs', '') or ''
+  name = diffusion_config.schedule
+  allowed = [p for p in inspect.signature(_BETA_FNS[name]).parameters if p != 'num_timesteps']
+  out = {}
+  for part in (p.strip() for p in str(text).split(',') if p.strip()):
+    key, sep, value = part.partition('=')
+    key = key.strip()
+    try:
+      out[key] = float(value)
+    except ValueError:
+      sep = ''
+    if not sep or key not in allowed:
+      raise ValueError(f'diffusion.schedule_kwargs={text!r}: {part!r} is not name=number with a '
+                       f'name the {name} schedule takes ({", ".join(allowed) or "none"}).')
+  return out
+
+
 def from_config(diffusion_config) -> Schedule:
   """The Schedule of a config's `diffusion` group (schedule, num_timesteps, schedule_kwargs)."""
-  kwargs = dict(diffusion_config.get('schedule_kwargs', {}) or {})
-  return Schedule.from_betas(
-      get_betas(diffusion_config.schedule, diffusion_config.num_timesteps, **kwargs))
+  if diffusion_config.schedule not in _BETA_FNS:
+    raise ValueError(f'diffusion.schedule={diffusion_config.schedule!r} is unknown; choose one '
+                     f'of {SCHEDULES}.')
+  return Schedule.from_betas(get_betas(diffusion_config.schedule, diffusion_config.num_timesteps,
+                                       **kwargs_from_config(diffusion_config)))

@@ -15,7 +15,11 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import socket
+import zipfile
+import zlib
 from typing import Optional
+
+from absl import logging
 
 import numpy as np
 from PIL import Image
@@ -66,14 +70,20 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_npz(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """`images` uint8 [N, H, W, C] and `labels` int32 [N] (None when absent) of an .npz."""
   if not path or not os.path.exists(path):
     raise FileNotFoundError(f'data.path={path!r} does not exist; point --config.data.path at an '
                             '.npz holding `images` (uint8 [N, H, W, C]).')
-  with np.load(path) as f:
-    if 'images' not in f:
-      raise ValueError(f'data.path={path!r} has no `images` array (keys: {list(f.keys())}).')
-    images = f['images']
-    labels = f['labels'].astype(np.int32) if 'labels' in f else None
+  try:
+    with np.load(path) as f:
+      if 'images' not in f:
+        raise ValueError(f'data.path={path!r} has no `images` array (keys: {list(f.keys())}).')
+      images = f['images']
+      labels = f['labels'].astype(np.int32) if 'labels' in f else None
+  except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+    raise ValueError(f'data.path={path!r} cannot be read as an .npz ({type(e).__name__}: {e}); '
+                     'is the file complete? Copy it again, or point --config.data.path at '
+                     'another.') from None
   if images.dtype != np.uint8 or images.ndim != 4:
     raise ValueError(f'data.path={path!r}: `images` must be uint8 [N, H, W, C], '
                      f'got {images.dtype} {images.shape}.')
@@ -149,6 +159,61 @@ def tf_center_crop_resize(tf, image, size: int):
   image = tf.image.crop_to_bounding_box(image, (shape[0] - s) // 2, (shape[1] - s) // 2, s, s)
   image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def check_labels(labels: Optional[np.ndarray], num_classes: int, where: str) -> None:
+  """Raises, naming `where` and the fix, unless every label lies in [0, num_classes): a label
+  of num_classes would silently be the guidance "null" class, a larger one reads past the
+  label embedding."""
+  if labels is None:
+    raise ValueError(f'data.class_conditional=True but {where} has no labels; train without '
+                     '--config.data.class_conditional, or add labels.')
+  lo, hi = int(np.min(labels)), int(np.max(labels))
+  if lo < 0 or hi >= num_classes:
+    raise ValueError(f'{where} has labels in [{lo}, {hi}], outside [0, data.num_classes='
+                     f'{num_classes}); set --config.data.num_classes={max(hi + 1, 1)} (or 0 to '
+                     'read it from the data), or relabel them 0 .. num_classes - 1.')
+
+
+def num_classes_of(config) -> int:
+  """The label count of the configured source: digits 10, an .npz's largest label + 1, a
+  folder's subfolders, TFDS's metadata."""
+  data = config.data
+  if data.source == 'digits':
+    return 10
+  if data.source == 'npz':
+    labels = load_npz(data.path)[1]
+    return 0 if labels is None else int(labels.max()) + 1
+  if data.source == 'folder':
+    return folder_files(data.path)[2]
+  if data.source == 'tfds':
+    features = tfds_builder(config).info.features
+    return int(features['label'].num_classes) if 'label' in features else 0
+  return 0
+
+
+def readable_images(tf, files: list, labels: list, channels: int) -> tuple[list, list]:
+  """The (files, labels) whose images TensorFlow decodes; each one it cannot is named in a
+  warning and skipped, so one bad file does not stop training midway without its name."""
+  ds = tf.data.Dataset.from_tensor_slices(files).map(
+      lambda f: tf.shape(tf.io.decode_image(tf.io.read_file(f), channels=channels,
+                                            expand_animations=False))[0],
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  it, bad = iter(ds), []
+  for name in files:
+    try:
+      next(it)
+    except tf.errors.OpError as e:
+      bad.append(name)
+      logging.warning('Skipping %s: it cannot be decoded (%s).', name,
+                      (e.message or str(e)).strip().splitlines()[-1][:160])
+  if bad:
+    logging.warning('Skipped %d of %d images that cannot be decoded (data.path).', len(bad),
+                    len(files))
+  if len(bad) == len(files):
+    raise ValueError(f'none of the {len(files)} images in data.path can be decoded.')
+  keep = set(bad)
+  return ([f for f in files if f not in keep], [l for f, l in zip(files, labels) if f not in keep])
 
 
 def folder_files(path: str) -> tuple[list, list, int]:

@@ -138,8 +138,9 @@ def restore_ema_params(config, task: Task, mesh, workdir: str, step: int | None 
     return params, step
   manager = checkpointing.create_manager(workdir, read_only=True)
   try:
-    fields = checkpointing.restore_fields(
-        manager, {'step': target.step, 'ema_params': target.ema_params}, step)
+    fields, _, _ = checkpointing.restore_newest_readable(
+        manager, {'step': target.step, 'ema_params': target.ema_params}, step,
+        restore_fn=checkpointing.restore_fields)
   finally:
     manager.close()
   return fields['ema_params'], int(fields['step'])

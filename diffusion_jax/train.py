@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
-                           input_pipeline, metric_logging, parallel, posthoc_ema,
+                           input_pipeline, metric_logging, parallel, posthoc_ema, run_config,
                            task as task_lib)
 from diffusion_jax.task import Task, TrainState
 
@@ -110,11 +110,6 @@ def _any_process(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
-def _write_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
-
-
 def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
   """Trains (resuming from `<workdir>/checkpoints` if there is one) and returns the state.
 
@@ -127,17 +122,28 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
   mesh = parallel.create_mesh()
   config_checks.validate(config, mesh.size)
   tc = config.training
-  _write_config(config, workdir)
-  writer = writer or metric_logging.create_writer(workdir)
+  files.check_writable(workdir)
   task = task_lib.create_task(config)
+  if config.data.class_conditional and not config.data.num_classes:
+    # Recorded as read from the data, so that sampling needs no access to them.
+    config = config.copy_and_resolve_references()
+    config.data.num_classes = task.info.num_classes
   manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints)
+  resuming = manager.latest_step() is not None
+  changes = run_config.check_resume(config, workdir) if resuming else {}
+  writer = writer or metric_logging.create_writer(workdir)
   state = checkpointing.restore_or_keep(manager, task_lib.create_train_state(config, task, mesh))
   step = int(state.step)
+  if jax.process_index() == 0:
+    run_config.record_config(config, workdir, resumed_at=step if resuming else None,
+                             changes=changes)
   if step:
     logging.info('Resumed from the checkpoint at step %d.', step)
   if step >= tc.num_steps:
     logging.info('Nothing to do: step %d >= training.num_steps=%d.', step, tc.num_steps)
     manager.close()
+    if jax.process_index() == 0:
+      run_config.write_finished(workdir, step)
     return state
 
   batches = input_pipeline.create_iterator(config, mesh, start_step=step)
@@ -159,11 +165,13 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
     if clear:
       pending = []
     if not np.all(np.isfinite(values['loss'])):
-      manager.wait_until_finished()
+      checkpointing.wait_until_finished(manager)
+      kept = (f'The last good checkpoint (step {manager.latest_step()}) is kept in '
+              f'{checkpointing.checkpoint_dir(workdir)}.' if manager.latest_step() is not None
+              else 'No checkpoint had been written yet.')
       raise FloatingPointError(
-          f'non-finite loss at step {step}: training stopped. The last good checkpoint '
-          f'(step {manager.latest_step()}) is kept in {checkpointing.checkpoint_dir(workdir)}. '
-          'Lower training.learning_rate, enable training.grad_clip, or check the data.')
+          f'non-finite loss at step {step}: training stopped. {kept} Lower '
+          'training.learning_rate, enable training.grad_clip, or check the data.')
     return values
 
   with checkpointing.PreemptionFlag() as preempted:
@@ -196,11 +204,13 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
       if stop:
         logging.info('Preempted: saved step %d, exiting.', step)
         break
-  manager.wait_until_finished()
+  checkpointing.wait_until_finished(manager)
   manager.close()
   if snapshots is not None:
-    snapshots.wait_until_finished()
+    checkpointing.wait_until_finished(snapshots)
     snapshots.close()
+  if jax.process_index() == 0 and step >= tc.num_steps:
+    run_config.write_finished(workdir, step)
   writer.flush()
   return state
 

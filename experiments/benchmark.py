@@ -160,6 +160,12 @@ class JaxBench:
         self.state, self.batch).compile()
     self.train_compile_s = time.perf_counter() - start
     self.train_flops = summary.compiled_flops(self.train_step, mesh.size)
+    stats = self.train_step.memory_analysis()
+    # XLA's own accounting of the step's buffers (per device): the state is the arguments
+    # (donated, so aliased to the outputs); temp is what the step allocates besides.
+    self.train_memory = {name: int(getattr(stats, f'{name}_size_in_bytes', 0) or 0)
+                         for name in ('argument', 'output', 'alias', 'temp')}
+    self.params_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state.params))
     rng = jax.random.PRNGKey(1)
     self.x_t = jax.device_put(jax.random.normal(rng, images.shape), parallel.batch_sharding(mesh))
     self.t = jax.device_put(jax.random.randint(rng, (b,), 0, config.diffusion.num_timesteps),
@@ -209,6 +215,8 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
     res['train_step_flops'] = jb.train_flops
     res['forward_flops'] = jb.forward_flops
     res['train_compile_s'] = jb.train_compile_s
+    res['train_step_memory_bytes'] = jb.train_memory
+    res['params_bytes'] = jb.params_bytes
     res['forward_compile_s'] = jb.forward_compile_s
     res['matmul_peak_flops'] = matmul_peak()
     jb.step()
@@ -288,6 +296,9 @@ def format_table(res: dict) -> str:
       '4096^2 bfloat16 matmul GFLOP/s', res['matmul_peak_flops'] / 1e9,
       scale('matmul_peak_flops', 1e9), '{:.0f}')
   add(f'peak memory GiB ({mem["kind"]})', mem['bytes'] / 2**30, fmt='{:.2f}')
+  step_mem = res['train_step_memory_bytes']
+  add('train step MiB: state (arguments) / temporaries (XLA)',
+      f'{step_mem["argument"] / 2**20:.1f} / {step_mem["temp"] / 2**20:.1f}')
   add('input pipeline images/s', res['pipeline_images_per_s'], fmt='{:.0f}')
   add('pipeline / train consumption', res['pipeline_over_consumption'], fmt='{:.0f}x')
   add('digits: process start to first step, s', res['digits_first_step_s'])

@@ -100,14 +100,19 @@ def scored(config, task, mesh, params, judge, name: str, **settings) -> tuple[di
 
 
 def markdown_table(rows: list[dict], calls: list[int]) -> str:
-  """Samplers down, network calls across; cells are the judge's ratio."""
+  """Samplers down, requested network calls across; cells are the judge's ratio, with the calls
+  made in parentheses where a spacing dropped repeated timesteps."""
   names = list(dict.fromkeys(r['sampler'] for r in rows if r['sampler'] != REFERENCE))
   lines = ['| sampler | ' + ' | '.join(f'{c} calls' for c in calls) + ' |',
            '| --- |' + ' ---: |' * len(calls)]
+
+  def cell(r):
+    made = f' ({r["calls"]})' if r['calls'] != r['requested_calls'] else ''
+    return f'{r["ratio"]:.2f}{made}'
   for name in names:
     cells = {r['requested_calls']: r for r in rows if r['sampler'] == name}
     lines.append(f'| {name} | ' + ' | '.join(
-        f'{cells[c]["ratio"]:.2f}' if c in cells else '' for c in calls) + ' |')
+        cell(cells[c]) if c in cells else '' for c in calls) + ' |')
   for r in rows:
     if r['sampler'] == REFERENCE:
       lines.append(f'| DDPM, {r["calls"]} calls | {r["ratio"]:.2f} |' + ' |' * (len(calls) - 1))

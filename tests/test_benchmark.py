@@ -32,7 +32,8 @@ def test_benchmark_writes_every_field(tmp_path):
               'forward_compile_s', 'train_images_per_s', 'forward_images_per_s',
               'ddim50_images_per_s', 'matmul_peak_flops', 'train_fraction_of_peak',
               'peak_memory', 'pipeline_images_per_s', 'pipeline_over_consumption',
-              'digits_first_step_s', 'environment', 'command'):
+              'digits_first_step_s', 'environment', 'command', 'train_step_memory_bytes',
+              'params_bytes'):
     assert key in res, key
   assert res['train_step_flops'] > 0 and res['train_images_per_s'] > 0
   assert res['peak_memory']['bytes'] > 0

@@ -18,6 +18,10 @@ from tests.conftest import tiny_image_config, tiny_toy_config
     ('sampling.num_steps', 0, 'sampling.num_steps'),
     ('sampling.preview_steps', 1000, 'sampling.preview_steps'),
     ('sampling.stochastic', True, 'sampling.stochastic=True is the SDE form of dpm_solver'),
+    ('sampling.ema_sigma_rel', 0.5, 'sampling.ema_sigma_rel'),
+    ('model.dtype', 'float16', 'bfloat16'),
+    ('diffusion.schedule_kwargs', 'beta_end=x', 'diffusion.schedule_kwargs'),
+    ('training.phema_sigma_rels', (0.05, 0.5), 'training.phema_sigma_rels'),
     ('data.image_size', 9, 'data.image_size'),
     ('training.batch_size', 6, 'training.batch_size'),
     ('model.attention_resolutions', (16,), 'never reaches'),
@@ -31,9 +35,23 @@ def test_bad_value_names_its_field(field, value, match):
     config.training.steps_per_call = 2
   if field.startswith('sampling.preview'):
     config.training.sample_every = 2  # preview settings are checked when there are previews
+  mode = 'sample' if field.startswith('sampling.') and 'preview' not in field else 'train'
   config[group][name] = value
   with pytest.raises(ValueError, match=match):
-    config_checks.validate(config, num_devices=4)
+    config_checks.validate(config, num_devices=4, mode=mode)
+
+
+def test_each_mode_checks_what_it_uses():
+  config = tiny_image_config()
+  config.training.batch_size = 6  # trained on 2 or 6 devices, sampled on 4
+  config_checks.validate(config, num_devices=4, mode='sample')
+  with pytest.raises(ValueError, match='training.batch_size'):
+    config_checks.validate(config, num_devices=4, mode='train')
+  config = tiny_image_config()
+  config.sampling.num_steps = 1000  # more than diffusion.num_timesteps: matters to sampling
+  config_checks.validate(config, num_devices=4, mode='train')
+  with pytest.raises(ValueError, match='sampling.num_steps'):
+    config_checks.validate(config, num_devices=4, mode='eval')
 
 
 def test_preview_settings_matter_only_with_previews():

@@ -64,6 +64,48 @@ def test_folder_source(tmp_path, with_classes):
   assert labels <= ({0, 1} if with_classes else {0})
 
 
+def test_a_resumed_folder_run_does_not_replay_the_first_order(tmp_path):
+  rng = np.random.default_rng(4)
+  for i in range(32):
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
+  config = tiny_image_config('folder', image_size=8, channels=3)
+  config.data.path, config.data.shuffle_buffer = str(tmp_path), 32
+
+  def first(start_step):
+    ds = input_pipeline.tf_dataset(config, 8, splits='', start_step=start_step)
+    return next(ds.as_numpy_iterator())['x']
+  np.testing.assert_array_equal(first(0), first(0))  # a restart at the same step: same order
+  assert not np.array_equal(first(0), first(7))  # resumed at step 7: a fresh order
+
+
+def test_labels_outside_the_classes_are_named(tmp_path):
+  path = tmp_path / 'x.npz'
+  np.savez(path, images=np.zeros((16, 8, 8, 1), np.uint8), labels=np.arange(16) % 11)
+  config = tiny_image_config('npz')
+  config.data.path, config.data.class_conditional, config.data.num_classes = str(path), True, 10
+  with pytest.raises(ValueError, match=r'labels in \[0, 10\].*num_classes=11'):
+    next(input_pipeline.host_batches(config, 8))
+  config.data.num_classes = 0  # read from the labels: 11
+  assert input_pipeline.data_info(config).num_classes == 11
+
+
+def test_eval_shares_are_padded_evenly_over_processes(monkeypatch):
+  config = tiny_image_config()
+  monkeypatch.setattr(jax, 'process_count', lambda: 3)
+  sizes, length = input_pipeline.host_share_sizes(10)
+  assert sizes == [4, 3, 3] and length == 4
+  seen = []
+  for p in range(3):
+    monkeypatch.setattr(jax, 'process_index', lambda p=p: p)
+    x = np.concatenate(list(input_pipeline.reference_images(config, 10)))
+    held, labels, mine = input_pipeline.held_out_images(config, 10)
+    assert len(x) == len(held) == len(labels) == length and mine == sizes[p]
+    seen.append(x[:sizes[p]])
+  all_real = np.concatenate(seen)
+  first_ten = sources.digits_images()[0][:10].astype(np.float32) / 127.5 - 1
+  assert sorted(map(bytes, all_real)) == sorted(map(bytes, first_ten))  # each image once
+
+
 def test_missing_folder_names_the_setting():
   config = tiny_image_config('folder', channels=3)
   config.data.path = '/nonexistent/images'
@@ -128,3 +170,20 @@ def test_unknown_source_names_the_setting():
   config = tiny_image_config('hdf5')
   with pytest.raises(ValueError, match='data.source'):
     first_batch(config)
+
+
+def test_tfds_channels_and_label_count_are_checked(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
+  config = tiny_image_config('tfds', image_size=8, channels=1)
+  config.data.name = 'oxford_flowers102'
+  config.data.data_dir = str(tmp_path / 'tfds')
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(ValueError, match=r'data.channels=1 but TFDS .* stores 3'):
+      input_pipeline.tf_dataset(config, 4, splits='train')
+    config.data.channels = 3
+    config.data.class_conditional, config.data.num_classes = True, 5
+    with pytest.raises(ValueError, match='has 102 labels.*num_classes=102'):
+      input_pipeline.tf_dataset(config, 4, splits='train')
+    config.data.num_classes = 0
+    assert input_pipeline.data_info(config).num_classes == 102  # from the TFDS metadata

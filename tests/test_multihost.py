@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
+import pytest
 
 from diffusion_jax import checkpointing, metric_logging, parallel
 from diffusion_jax import task as task_lib
@@ -146,3 +147,20 @@ def test_sigterm_stops_both_processes_at_the_same_step_with_a_checkpoint(tmp_pat
   assert signalled[0] <= last < config.training.num_steps
   saved = os.listdir(checkpointing.checkpoint_dir(workdir))
   assert str(last) in saved, (last, saved)
+
+
+def test_eval_over_two_processes_with_an_uneven_example_count(tmp_path):
+  """5 held-out images over 2 processes: shares of 3 and 2, padded to the same batches, so the
+  processes' collectives match (an uneven split used to leave one waiting) and each image
+  counts once."""
+  from tests.conftest import tiny_image_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  flags = ['--config=configs/digits.py'] + overrides(tiny_image_config())
+  launch(*flags, f'--workdir={workdir}', devices=4)
+  bpd = ['--mode=eval', '--config.eval.bpd_num_examples=5', '--config.eval.bpd_batch_size=4']
+  launch_processes(flags + [f'--workdir={workdir}'] + bpd, num_processes=2,
+                   devices_per_process=2, logdir=str(tmp_path))
+  two = metric_logging.read_metrics(workdir)[-1]['eval/bits_per_dim']
+  launch(*flags, f'--workdir={workdir}', *bpd, devices=4)
+  one = metric_logging.read_metrics(workdir)[-1]['eval/bits_per_dim']
+  assert np.isfinite(two) and two == pytest.approx(one, rel=0.05)

@@ -151,3 +151,23 @@ def test_posthoc_ema_study_writes_table_plot_and_results(straight):
   assert all(np.isfinite(r['ratio']) and r['step'] == 6 for r in results['rows'])
   assert results['baseline']['step'] == 6 and np.isfinite(results['baseline']['ratio'])
   assert os.path.getsize(os.path.join(workdir, 'posthoc_ema', 'quality_vs_sigma_rel.png')) > 1000
+
+
+def test_the_train_step_holds_two_more_parameter_copies_and_nothing_else():
+  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  sizes = {}
+  for widths in ((), WIDTHS):
+    config = tiny_toy_config()
+    config.model.hidden = 64  # parameters large enough to see next to the batch
+    config.training.phema_sigma_rels = widths
+    mesh = parallel.create_mesh()
+    task = task_lib.create_task(config)
+    state = task_lib.abstract_train_state(config, task, mesh)
+    compiled = train.make_train_step(config, task, mesh).lower(
+        state, input_pipeline.abstract_batch(config, mesh)).compile()
+    stats = compiled.memory_analysis()
+    sizes[len(widths)] = (stats.argument_size_in_bytes, stats.temp_size_in_bytes,
+                          sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params)))
+  (arg0, temp0, params), (arg2, temp2, _) = sizes[0], sizes[2]
+  assert arg2 - arg0 == 2 * params  # the two averages, donated like the rest of the state
+  assert temp2 <= temp0 + params // 4, (temp0, temp2, params)  # updated in place

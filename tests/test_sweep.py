@@ -102,7 +102,7 @@ def test_toy2d_sweep_runs_resumes_and_summarises(tmp_path):
 
   cli('run', f'--sweep={TOY_SWEEP}', f'--root={root}', '--timeout=300', timeout=1200)
   for t in s.trials:
-    assert local.latest_checkpoint_step(os.path.join(root, t.name)) == 4
+    assert local.finished_step(os.path.join(root, t.name)) == 4
   # Finished trials are skipped when the sweep runs again.
   out = cli('run', f'--sweep={TOY_SWEEP}', f'--root={root}', '--timeout=300')
   assert out.count('skipped') == 3
@@ -118,3 +118,23 @@ def test_toy2d_sweep_runs_resumes_and_summarises(tmp_path):
   assert [r['data.name'] for r in rows] == ['swiss_roll', 'moons', 's_curve']
   for r in rows:
     assert int(r['step']) == 4 and math.isfinite(float(r['loss']))
+
+
+def test_gpus_per_trial_zero_runs_on_the_cpu_even_with_gpus(monkeypatch, tmp_path):
+  seen = []
+
+  def fake_start(sweep, trial, root, env):
+    seen.append((env.get('CUDA_VISIBLE_DEVICES'), env.get('JAX_PLATFORMS')))
+    return None  # as if finished
+  monkeypatch.setattr(local, '_start', fake_start)
+  status = local.run_all(expansion.load_sweep(TOY_SWEEP), str(tmp_path), gpus_per_trial=0,
+                         gpus=['0', '1'])
+  assert len(status) == 3 and seen == [('', 'cpu')] * 3
+
+
+def test_a_checkpoint_folder_alone_does_not_finish_a_trial(tmp_path):
+  workdir = tmp_path / 'trial'
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)  # a step folder, perhaps half written
+  assert local.finished_step(str(workdir)) is None
+  (workdir / 'finished.json').write_text('{"step": 4}')
+  assert local.finished_step(str(workdir)) == 4

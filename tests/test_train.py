@@ -140,24 +140,35 @@ def test_sigterm_saves_and_exits(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_image_config()
-  config.training.num_steps = 8
+  config.training.num_steps = 4
   config.training.log_every = 2
   config.training.checkpoint_every = 2
   config.training.grad_clip = 0.0
-  writer = ListWriter()
-  # A learning rate this large drives the loss to inf/nan within a few steps.
+  train.train_and_evaluate(config, str(tmp_path), writer=ListWriter())  # saves 2 and 4
+  # Resumed with a learning rate this large, the loss goes to inf/nan within a few steps.
+  config.training.num_steps = 12
   config.training.learning_rate = 1e30
   config.training.warmup_steps = 0
-  with pytest.raises(FloatingPointError, match='non-finite loss'):
-    train.train_and_evaluate(config, str(tmp_path), writer=writer)
+  with pytest.raises(FloatingPointError, match=r'last good checkpoint \(step 4\)'):
+    train.train_and_evaluate(config, str(tmp_path), writer=ListWriter())
   manager = checkpointing.create_manager(str(tmp_path), read_only=True)
-  steps = manager.all_steps()
+  assert list(manager.all_steps()) == [2, 4]  # nothing from the diverged steps was saved
   task = task_lib.create_task(config)
   target = task_lib.abstract_train_state(config, task, parallel.create_mesh())
-  for step in steps:
+  for step in (2, 4):
     restored = checkpointing.restore(manager, target, step)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))
   manager.close()
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+  config = tiny_image_config()
+  config.training.num_steps = 8
+  config.training.checkpoint_every = 8
+  config.training.grad_clip = 0.0
+  config.training.learning_rate, config.training.warmup_steps = 1e30, 0
+  with pytest.raises(FloatingPointError, match='No checkpoint had been written yet'):
+    train.train_and_evaluate(config, str(tmp_path), writer=ListWriter())
 
 
 def test_one_step_on_mock_tfds_flowers(tmp_path, monkeypatch):

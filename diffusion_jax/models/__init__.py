@@ -5,16 +5,17 @@ import jax.numpy as jnp
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# float16 is left out: it needs loss scaling, which training does not do (use bfloat16).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ARCHITECTURES = ('unet', 'mlp')
 
 
 def create_model(model_config, num_classes: int = 0):
   """The flax module named by `model.architecture`, with the group's fields as attributes."""
   cfg = model_config
-  if cfg.dtype not in _DTYPES:
-    raise ValueError(f'model.dtype={cfg.dtype!r} is unknown; choose one of {tuple(_DTYPES)}.')
-  dtype = _DTYPES[cfg.dtype]
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f'model.dtype={cfg.dtype!r} is unknown; choose one of {tuple(DTYPES)}.')
+  dtype = DTYPES[cfg.dtype]
   if cfg.architecture == 'unet':
     return UNet(channels=cfg.channels, channel_mult=tuple(cfg.channel_mult),
                 num_res_blocks=cfg.num_res_blocks,

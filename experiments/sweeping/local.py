@@ -11,20 +11,17 @@ import sys
 import time
 from typing import Optional
 
+from diffusion_jax import run_config
 from experiments.sweeping.expansion import ROOT, Sweep, Trial, num_steps
 
 LAUNCH = os.path.join(ROOT, 'launch.py')
 TRIAL_FILE = 'trial.json'  # in each trial's workdir: its name, index and overrides
 
 
-def latest_checkpoint_step(workdir: str) -> Optional[int]:
-  """The newest finished checkpoint in `<workdir>/checkpoints` (Orbax names them by step and
-  writes them under a temporary name first), or None."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-  return max(steps) if steps else None
+def finished_step(workdir: str) -> Optional[int]:
+  """The last step of a trial that finished: its completion record, which training writes once
+  the final checkpoint is on disk (a checkpoint folder alone may be half written or corrupt)."""
+  return run_config.finished_step(workdir)
 
 
 def launch_command(sweep: Sweep, trial: Trial, root: str, python: str = sys.executable) -> list:
@@ -36,7 +33,7 @@ def _start(sweep: Sweep, trial: Trial, root: str, env: dict) -> Optional[subproc
   """Starts the trial (output appended to its launch.log), or returns None if it is done."""
   workdir = os.path.join(root, trial.name)
   steps = num_steps(sweep, trial)
-  done = latest_checkpoint_step(workdir)
+  done = finished_step(workdir)
   if done is not None and done >= steps:
     print(f'[{trial.index}] {trial.name}: finished (step {done}), skipped.', flush=True)
     return None
@@ -88,10 +85,13 @@ def run_all(sweep: Sweep, root: str, *, gpus_per_trial: int = 1,
   """Runs every unfinished trial; {trial name: exit status}.
 
   With GPUs, each trial gets `gpus_per_trial` of them (CUDA_VISIBLE_DEVICES) and as many trials
-  run at once as there are such groups; without, trials run one after another. A failed trial
-  does not stop the others. `timeout` bounds each trial, in seconds.
+  run at once as there are such groups; without, or with gpus_per_trial=0, trials run one after
+  another on the CPU. A failed trial does not stop the others. `timeout` bounds each trial, in
+  seconds.
   """
-  gpus = visible_gpus() if gpus is None else gpus
+  if gpus_per_trial < 0:
+    raise ValueError(f'--gpus_per_trial={gpus_per_trial} must be 0 (the CPU) or more.')
+  gpus = [] if gpus_per_trial == 0 else (visible_gpus() if gpus is None else gpus)
   if gpus and gpus_per_trial > len(gpus):
     raise ValueError(f'--gpus_per_trial={gpus_per_trial} but only {len(gpus)} GPUs are visible; '
                      f'lower --gpus_per_trial.')
@@ -107,6 +107,8 @@ def run_all(sweep: Sweep, root: str, *, gpus_per_trial: int = 1,
         env = dict(os.environ)
         if group is not None:
           env['CUDA_VISIBLE_DEVICES'] = group
+        elif gpus_per_trial == 0:  # on the CPU, even where there are GPUs
+          env.update(CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS='cpu')
         proc = _start(sweep, trial, root, env)
         if proc is None:
           status[trial.name] = 0
