@@ -79,8 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.num_steps = 50  # network calls of ddim, dpm_solver++ and unipc (ddpm runs all T)
   sampling.eta = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
   sampling.solver_order = 2  # dpm_solver++ / unipc: 1, 2 or 3 (1 is DDIM with eta 0)
-  sampling.stochastic = False  # dpm_solver++: its SDE form, fresh noise at every step
-  sampling.spacing = 'uniform'  # timesteps: leading (= uniform) | trailing | linspace | quadratic | karras
+  sampling.stochastic = False  # dpm_solver++ only: its SDE form, fresh noise at every step
+  sampling.spacing = 'uniform'  # leading=uniform, trailing, linspace, quadratic, karras, logsnr
   sampling.variance = 'small'  # DDPM: small (posterior) | large (beta)
   sampling.clip_x0 = 1.0  # clip predicted x0 to [-c, c] (1: images in [-1, 1]; 0: no clipping)
   sampling.guidance_scale = 1.0  # classifier-free guidance (1: plain conditional)
@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.batch_size = 64  # global batch for generation
   sampling.seed = 0  # noise for generation
   sampling.checkpoint_step = -1  # which checkpoint to sample from (-1: latest)
-  sampling.ema_sigma_rel = 0.0  # post-hoc EMA of this width from the run's snapshots (0: ema_decay's)
+  sampling.ema_sigma_rel = 0.0  # post-hoc EMA of this width (0: the EMA of training.ema_decay)
   sampling.trajectory = False  # also write the x_T -> x_0 strip
   sampling.preview_samples = 16  # size of the grid written during training
   sampling.preview_sampler = 'ddim'  # sampler of that grid (with sampling.spacing, .solver_order)

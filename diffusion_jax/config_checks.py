@@ -126,7 +126,3 @@ def _validate_sampling(samp, num_timesteps: int, preview: bool) -> None:
   if samp[sampler] != 'ddpm' and not 1 <= samp[steps] <= num_timesteps:
     raise ValueError(f'sampling.{steps}={samp[steps]} must lie in '
                      f'[1, diffusion.num_timesteps={num_timesteps}].')
-  if samp.stochastic and samp[sampler] != 'dpm_solver++':
-    raise ValueError(f'sampling.stochastic=True is the SDE form of dpm_solver++, but '
-                     f'sampling.{sampler}={samp[sampler]!r}; set --config.sampling.{sampler}='
-                     'dpm_solver++, or stochastic=False (for ddim use sampling.eta).')

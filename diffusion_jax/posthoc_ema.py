@@ -116,6 +116,6 @@ def reconstruct(workdir: str, sigma_rel: float, abstract_params: Any,
         i += 1
   finally:
     manager.close()
-  logging.info('Post-hoc EMA sigma_rel=%g at step %d from %d snapshots (weights %s).', sigma_rel,
-               target_step, len(found), np.array2string(weights, precision=3))
+  logging.info('Post-hoc EMA sigma_rel=%g at step %d from %d snapshots (largest |weight| %.3g).',
+               sigma_rel, target_step, len(found), np.abs(weights).max())
   return total, int(target_step), weights.reshape(len(found), -1)

@@ -28,8 +28,9 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   ema_params: Any
   rng: jnp.ndarray  # uint32 [2]: the root key of all training noise
-  # Power-function averages of the parameters, one per training.phema_sigma_rels (post-hoc
-  # EMA); empty when that is off, which keeps the checkpoints of earlier versions restorable.
+  # Power-function averages of the parameters, one flat vector per training.phema_sigma_rels
+  # (post-hoc EMA; `phema.PowerEMA.trees` makes them trees); empty when that is off, which
+  # keeps the checkpoints of earlier versions restorable.
   phema_params: tuple = ()
 
 

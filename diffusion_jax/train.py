@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
-                           input_pipeline, metric_logging, parallel, posthoc_ema, run_config,
-                           task as task_lib)
+                           input_pipeline, metric_logging, parallel, phema, posthoc_ema,
+                           run_config, task as task_lib)
 from diffusion_jax.task import Task, TrainState
 
 
@@ -197,8 +197,9 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
         if pending:  # steps since the last log must be finite before they are saved
           fetch_checked(clear=False)
       if snapshot:
-        posthoc_ema.save_snapshot(snapshots, step, state.phema_params, tc.phema_sigma_rels,
-                                  tc.phema_dtype)
+        posthoc_ema.save_snapshot(snapshots, step,
+                                  phema.PowerEMA.trees(state.phema_params, state.params),
+                                  tc.phema_sigma_rels, tc.phema_dtype)
       if _crossed(step, k, tc.checkpoint_every) or last or stop:
         checkpointing.save(manager, step, state)
       if stop:

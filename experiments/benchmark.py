@@ -54,7 +54,9 @@ from diffusion_jax import task as task_lib
 config_flags.DEFINE_config_file('config', os.path.join(_ROOT, 'configs', 'bench.py'),
                                 'Config file; fields can be overridden, '
                                 'e.g. --config.training.batch_size=32.', lock_config=False)
-flags.DEFINE_enum('compare', None, ['diffusers'], 'Also time this implementation.')
+flags.DEFINE_enum('compare', None, ['diffusers', 'phema'],
+                  'Also time diffusers\' UNet2DModel, or this config with post-hoc EMA '
+                  '(training.phema_sigma_rels=(0.05, 0.1)), alternating with ours.')
 flags.DEFINE_string('output', 'benchmark.json', 'Where the JSON results go.')
 flags.DEFINE_integer('warmup', 2, 'Untimed calls before each measurement.')
 flags.DEFINE_integer('repeats', 10, 'Timed train steps and forward passes per side.')
@@ -64,6 +66,7 @@ flags.DEFINE_bool('first_step', True, 'Time `launch.py` on configs/digits.py to 
 FLAGS = flags.FLAGS
 
 DDIM_STEPS = 50
+PHEMA_WIDTHS = (0.05, 0.10)
 
 
 def alternate(fns: dict[str, Callable[[], object]], *, warmup: int,
@@ -237,6 +240,11 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
                       'params': torch_params,
                       'matmul_peak_flops': diffusers_side.matmul_flops_per_s()}
       fns_train['torch'], fns_forward['torch'] = tb.train_step, tb.forward
+    elif compare == 'phema':
+      with_phema = config.copy_and_resolve_references()
+      with_phema.training.phema_sigma_rels = PHEMA_WIDTHS
+      jp = JaxBench(with_phema, mesh, images)
+      fns_train['jax+phema'] = jp.step
 
     logging.info('Timing train steps: %s, alternating.', ', '.join(fns_train))
     train_times = alternate(fns_train, warmup=warmup, repeats=repeats)
@@ -250,6 +258,16 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
     res['train_flops_per_s'] = jb.train_flops / median(train_times['jax'])
     res['train_fraction_of_peak'] = res['train_flops_per_s'] / res['matmul_peak_flops']
     res['times_s'] = {'train': train_times, 'forward': forward_times, 'ddim50': sample_times}
+    if compare == 'phema':
+      memory = jp.train_memory
+      res['phema'] = {
+          'sigma_rels': list(PHEMA_WIDTHS),
+          'train_images_per_s': b / median(train_times['jax+phema']),
+          'train_ratio_on_over_off': median(train_times['jax']) / median(train_times['jax+phema']),
+          'train_step_memory_bytes': memory,
+          'extra_argument_over_params': ((memory['argument'] - jb.train_memory['argument'])
+                                         / jb.params_bytes),
+          'extra_temp_bytes': memory['temp'] - jb.train_memory['temp']}
     if tb is not None:
       t = res['torch']
       t['train_images_per_s'] = b / median(train_times['torch'])
@@ -302,6 +320,12 @@ def format_table(res: dict) -> str:
   add('input pipeline images/s', res['pipeline_images_per_s'], fmt='{:.0f}')
   add('pipeline / train consumption', res['pipeline_over_consumption'], fmt='{:.0f}x')
   add('digits: process start to first step, s', res['digits_first_step_s'])
+  if 'phema' in res:
+    p = res['phema']
+    add('train images/s with post-hoc EMA (on / off)', p['train_images_per_s'],
+        res['train_images_per_s'], '{:.2f}')
+    add('post-hoc EMA: extra state / params, extra temporaries MiB',
+        f'{p["extra_argument_over_params"]:.2f} / {p["extra_temp_bytes"] / 2**20:.2f}')
   head = ('metric', 'JAX', 'PyTorch (diffusers)' if t else '', 'JAX / PyTorch' if t else '')
   lines = ['| ' + ' | '.join(head) + ' |', '| --- | ---: | ---: | ---: |']
   lines += ['| ' + ' | '.join(row) + ' |' for row in rows]

@@ -27,6 +27,16 @@ import numpy as np
 from diffusion_jax import images, sources
 from diffusion_jax.metrics import classifier_features, feature_distances, sliced_wasserstein
 
+# The samplers the studies compare: name -> the sampling settings it stands for.
+SAMPLERS = {
+    'ddim': dict(sampler='ddim', eta=0.0),
+    'dpm_solver++(2M)': dict(sampler='dpm_solver++', solver_order=2, stochastic=False),
+    'dpm_solver++(3M)': dict(sampler='dpm_solver++', solver_order=3, stochastic=False),
+    'dpm_solver++(2M) SDE': dict(sampler='dpm_solver++', solver_order=2, stochastic=True),
+    'dpm_solver++(3M) SDE': dict(sampler='dpm_solver++', solver_order=3, stochastic=True),
+    'unipc-2': dict(sampler='unipc', solver_order=2),
+    'unipc-3': dict(sampler='unipc', solver_order=3),
+}
 TOY_SAMPLES = 5000
 DRAWS = 8  # reference draws / random splits that each score averages over
 

@@ -45,6 +45,10 @@ flags.DEFINE_list('sigma_rels', [f'{0.02 * i:.2f}' for i in range(1, 13)] + ['0.
 flags.DEFINE_integer('step', -1, 'Reconstruct at this step (-1: the last snapshot).')
 flags.DEFINE_integer('num_samples', 0, 'Samples per set (toy2d only; 0: the judge\'s default).')
 flags.DEFINE_integer('seed', 0, 'Noise of the samples (the same for every width).')
+flags.DEFINE_string('sampler', '', 'One of the sampler study\'s samplers (experiments/judge.py); '
+                    '\'\' for the run\'s configured one.')
+flags.DEFINE_integer('calls', 0, 'Network calls of --sampler (0: sampling.num_steps).')
+flags.DEFINE_string('spacing', '', 'Timestep spacing of --sampler (\'\': sampling.spacing).')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
@@ -77,6 +81,12 @@ def main(argv):
   task = task_lib.create_task(config)
   judge = judge_lib.make_judge(config, seed=FLAGS.seed, num_samples=FLAGS.num_samples)
   config.sampling.batch_size = parallel.round_up(judge.num_samples, mesh.size)
+  if FLAGS.sampler:
+    config.sampling.update(judge_lib.SAMPLERS[FLAGS.sampler])
+  if FLAGS.calls:
+    config.sampling.num_steps = FLAGS.calls
+  if FLAGS.spacing:
+    config.sampling.spacing = FLAGS.spacing
   generate = generation.make_generate_fn(config, task, mesh)
   target = task_lib.abstract_train_state(config, task, mesh).params
   step = None if FLAGS.step < 0 else FLAGS.step

@@ -42,23 +42,14 @@ from diffusion_jax import task as task_lib
 from experiments import judge as judge_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# name -> the sampling settings it stands for
-SAMPLERS = {
-    'ddim': dict(sampler='ddim', eta=0.0),
-    'dpm_solver++(2M)': dict(sampler='dpm_solver++', solver_order=2, stochastic=False),
-    'dpm_solver++(3M)': dict(sampler='dpm_solver++', solver_order=3, stochastic=False),
-    'dpm_solver++(2M) SDE': dict(sampler='dpm_solver++', solver_order=2, stochastic=True),
-    'dpm_solver++(3M) SDE': dict(sampler='dpm_solver++', solver_order=3, stochastic=True),
-    'unipc-2': dict(sampler='unipc', solver_order=2),
-    'unipc-3': dict(sampler='unipc', solver_order=3),
-}
 REFERENCE = 'ddpm'
 
 flags.DEFINE_string('workdir', None, 'A trained run.')
 flags.DEFINE_string('config', None, 'Config file, used only if the run has no config.json.')
 flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/sampler_study).')
 flags.DEFINE_list('calls', ['5', '10', '20', '50'], 'Network calls per sample.')
-flags.DEFINE_list('samplers', list(SAMPLERS), f'Samplers, among {list(SAMPLERS)}.')
+flags.DEFINE_list('samplers', list(judge_lib.SAMPLERS),
+                  f'Samplers, among {list(judge_lib.SAMPLERS)}.')
 flags.DEFINE_string('spacing', 'linspace', 'Timestep spacing of every sampler but DDPM.')
 flags.DEFINE_integer('num_samples', 0, 'Samples per set (toy2d only; 0: the judge\'s default).')
 flags.DEFINE_list('guidance_scales', ['1', '2', '4'], 'Conditional runs: guidance scales.')
@@ -133,6 +124,9 @@ def plot(path: str, rows: list[dict], title: str) -> None:
   ax.axhline(1.0, color='gray', ls=':', lw=1, label='real data')
   ax.set_xscale('log')
   ax.set_yscale('log')
+  ticks = sorted({r['calls'] for r in rows if r['sampler'] != REFERENCE})
+  ax.set_xticks(ticks, [str(t) for t in ticks])
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   ax.set_xlabel('network calls per sample')
   ax.set_ylabel('distance to the data / real-vs-real')
   ax.set_title(title, fontsize=10)
@@ -150,7 +144,7 @@ def guidance_rows(config, task, mesh, params, judge, scales, seed: int) -> list[
     x, calls, seconds = sample_set(config, task, mesh, params, judge.num_samples, seed,
                                    guidance_scale=scale, label=-1,
                                    num_steps=FLAGS.guided_calls, spacing=FLAGS.spacing,
-                                   **SAMPLERS[FLAGS.guided_sampler])
+                                   **judge_lib.SAMPLERS[FLAGS.guided_sampler])
     asked = generation.sample_labels(np.arange(len(x)), -1, task.info.num_classes)
     rows.append({'guidance_scale': scale, 'calls': calls, 'ratio': judge.score(x),
                  'class_share': judge.class_share(x, asked), 'seconds': seconds})
@@ -163,9 +157,10 @@ def main(argv):
   del argv
   config = run_config.load_config(FLAGS.workdir, FLAGS.config)
   out = FLAGS.out or os.path.join(FLAGS.workdir, 'sampler_study')
-  unknown = sorted(set(FLAGS.samplers) - set(SAMPLERS))
+  unknown = sorted(set(FLAGS.samplers) - set(judge_lib.SAMPLERS))
   if unknown:
-    raise app.UsageError(f'--samplers: unknown {unknown}; choose among {list(SAMPLERS)}.')
+    raise app.UsageError(f'--samplers: unknown {unknown}; choose among '
+                         f'{list(judge_lib.SAMPLERS)}.')
   mesh = parallel.create_mesh()
   task = task_lib.create_task(config)
   params, step = task_lib.restore_ema_params(config, task, mesh, FLAGS.workdir)
@@ -176,7 +171,7 @@ def main(argv):
   for name in FLAGS.samplers:
     for c in calls:
       row, x = scored(config, task, mesh, params, judge, name, num_steps=c,
-                      spacing=FLAGS.spacing, **SAMPLERS[name])
+                      spacing=FLAGS.spacing, **judge_lib.SAMPLERS[name])
       rows.append(row)
       if c == 20 and (best is None or row['ratio'] < best[0]):
         best = (row['ratio'], name, x)
@@ -199,7 +194,7 @@ def main(argv):
     x, _, _ = sample_set(config, task, mesh, params, 10 * task.info.num_classes, FLAGS.seed + 1,
                          guidance_scale=float(FLAGS.guidance_scales[-1]),
                          num_steps=FLAGS.guided_calls, spacing=FLAGS.spacing,
-                         **SAMPLERS[FLAGS.guided_sampler])
+                         **judge_lib.SAMPLERS[FLAGS.guided_sampler])
     by_class = x.reshape((10, task.info.num_classes) + x.shape[1:]).swapaxes(0, 1)
     images.save_png(images.make_grid(images.to_uint8(by_class.reshape(x.shape)), ncols=10,
                                      scale=max(1, 64 // config.data.image_size), pad=2),

@@ -6,16 +6,16 @@ launch.py in its own workdir `<root>/<trial name>`.
 
   python experiments/sweep.py expand --sweep=experiments/sweeps/toy2d_small.py
   python experiments/sweep.py run --sweep=experiments/sweeps/toy2d_small.py --root=/tmp/sweep
-  python experiments/sweep.py slurm --sweep=experiments/sweeps/flowers_lr_schedule_ema.py \
+  python experiments/sweep.py slurm --sweep=experiments/sweeps/flowers_lr_schedule.py \
     --root=/scratch/flowers_sweep --gpus_per_trial=1
   python experiments/sweep.py summary --root=/tmp/sweep
 
 `run` runs the trials on this machine: in parallel, one per group of `--gpus_per_trial` GPUs
-(CUDA_VISIBLE_DEVICES) when there are GPUs, else one after another. A trial whose final
-checkpoint exists is skipped, so running again resumes a sweep (and launch.py resumes each
-unfinished trial from its latest checkpoint). `slurm` writes an array-job script, one array
-task per trial, each running `sweep.py run-one --index=$SLURM_ARRAY_TASK_ID`; it does not
-submit it. `summary` writes the final loss (and any eval metrics) of every trial with its
+(CUDA_VISIBLE_DEVICES) when there are GPUs, else (or with --gpus_per_trial=0) one after another
+on the CPU. A trial whose completion record (finished.json) exists is skipped, so running again
+resumes a sweep (and launch.py resumes each unfinished trial from its latest checkpoint).
+`slurm` writes an array-job script, one array task per trial, each running
+`sweep.py run-one --index=$SLURM_ARRAY_TASK_ID`; it does not submit it. `summary` writes the final loss (and any eval metrics) of every trial with its
 overrides to `<root>/summary.md` and `<root>/summary.csv`. The parts live in
 `experiments/sweeping/`.
 """

@@ -17,7 +17,6 @@ from tests.conftest import tiny_image_config, tiny_toy_config
     ('sampling.solver_order', 4, 'sampling.solver_order'),
     ('sampling.num_steps', 0, 'sampling.num_steps'),
     ('sampling.preview_steps', 1000, 'sampling.preview_steps'),
-    ('sampling.stochastic', True, 'sampling.stochastic=True is the SDE form of dpm_solver'),
     ('sampling.ema_sigma_rel', 0.5, 'sampling.ema_sigma_rel'),
     ('model.dtype', 'float16', 'bfloat16'),
     ('diffusion.schedule_kwargs', 'beta_end=x', 'diffusion.schedule_kwargs'),
