@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import os
 import time
+from typing import Callable
 
 from absl import logging
 import jax
@@ -74,22 +75,46 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-class BackgroundWriter(LoggingWriter):
-  """A writer built on a background thread; calls wait for it.
+class BackgroundWriter:
+  """A writer built on a background thread once there is something to write.
 
-  clu's TensorBoard writer imports TensorFlow, which takes seconds: built this way, that
-  overlaps the first compilation instead of delaying the first step.
+  clu's TensorBoard writer imports TensorFlow, which takes seconds of CPU: started at the first
+  write (after the first train step compiled, not during it), that import does not slow the
+  compilation; writes made before the writer is ready are kept and replayed in order.
   """
 
-  def __init__(self, build):
-    self._pool = concurrent.futures.ThreadPoolExecutor(1)
-    self._future = self._pool.submit(build)
-    self._pool.shutdown(wait=False)
+  def __init__(self, build: Callable[[], object]):
+    self._build, self._future, self._pending = build, None, []
 
-  def __getattribute__(self, name):
-    if name in ('write_scalars', 'write_images', 'flush', 'close'):
-      return getattr(object.__getattribute__(self, '_future').result(), name)
-    return object.__getattribute__(self, name)
+  def _write(self, method: str, *args) -> None:
+    if self._future is None:
+      pool = concurrent.futures.ThreadPoolExecutor(1)
+      self._future = pool.submit(self._build)
+      pool.shutdown(wait=False)
+    self._pending.append((method, args))
+    if self._future.done():
+      self._replay()
+
+  def _replay(self):
+    writer = self._future.result()
+    for method, args in self._pending:
+      getattr(writer, method)(*args)
+    self._pending = []
+    return writer
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    self._write('write_scalars', step, scalars)
+
+  def write_images(self, step: int, images: dict) -> None:
+    self._write('write_images', step, images)
+
+  def flush(self) -> None:
+    if self._future is not None:
+      self._replay().flush()
+
+  def close(self) -> None:
+    if self._future is not None:
+      self._replay().close()
 
 
 def _tensorboard_writer(workdir: str):

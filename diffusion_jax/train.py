@@ -14,6 +14,7 @@ index (dropout masks therefore do depend on the device count).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 
@@ -99,6 +100,22 @@ def make_train_step(config, task: Task, mesh):
 
 # --- the training loop ---------------------------------------------------------------------------
 
+def compile_in_background(config, task: Task, mesh) -> concurrent.futures.Future:
+  """`make_train_step` compiled ahead of time on another thread, for the state and batches
+  that training will have (`abstract_train_state`, `input_pipeline.abstract_batch`).
+
+  XLA then works on the step, most of the start-up on CPU, while the state is built or
+  restored and the data are read. `.result()` is the compiled step, or raises its error.
+  """
+  state = task_lib.abstract_train_state(config, task, mesh)
+  batch = input_pipeline.abstract_batch(config, mesh)
+  step = make_train_step(config, task, mesh)
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  future = pool.submit(lambda: step.lower(state, batch).compile())
+  pool.shutdown(wait=False)
+  return future
+
+
 def _crossed(step: int, k: int, every: int) -> bool:
   """Whether the k steps that ended at `step` crossed a multiple of `every`."""
   return bool(every) and step // every != (step - k) // every
@@ -131,6 +148,9 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
   manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints)
   resuming = manager.latest_step() is not None
   changes = run_config.check_resume(config, workdir) if resuming else {}
+  # Not when the run looks finished: there would be nothing to compile for.
+  compiling = (None if resuming and manager.latest_step() >= tc.num_steps
+               else compile_in_background(config, task, mesh))
   writer = writer or metric_logging.create_writer(workdir)
   state = checkpointing.restore_or_keep(manager, task_lib.create_train_state(config, task, mesh))
   step = int(state.step)
@@ -147,7 +167,8 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
     return state
 
   batches = input_pipeline.create_iterator(config, mesh, start_step=step)
-  p_train_step = make_train_step(config, task, mesh)
+  p_train_step = (compiling.result() if compiling is not None
+                  else make_train_step(config, task, mesh))
   preview = tc.sample_every and generation.make_generate_fn(
       config, task, mesh, sampler=config.sampling.preview_sampler,
       num_steps=config.sampling.preview_steps)

@@ -1,19 +1,23 @@
-"""Speed of the U-Net: train step, forward, DDIM sampling, input pipeline, start-up; vs diffusers.
+"""Speed of the U-Net: train step, forward, sampling, bfloat16, input pipeline, start-up; vs diffusers.
 
   python experiments/benchmark.py --config=configs/bench.py --compare=diffusers
   python experiments/benchmark.py --config=configs/bench.py --config.training.batch_size=32
 
 Measures, on the config's model and global batch: parameters, XLA's FLOPs per train step,
 compile times, steady-state images/s of the real data-parallel train step (batches already on
-the devices), of the forward pass and of DDIM-50 sampling, peak memory, the fraction of a
-measured 4096^2 matmul peak (float32 on CPU, bfloat16 on GPU) that training reaches, the input
-pipeline's delivery rate against the train step's consumption, and the time from process start
-to the first finished train step of configs/digits.py. With --compare=diffusers the same
-architecture in diffusers/PyTorch is timed the same way, its measurements alternating with ours
-in this one process so that both see the same machine load; all times are medians.
+the devices), of the forward pass and of end-to-end sampling (DDIM at 50 calls, DPM-Solver++(2M)
+at 20), peak memory, the fraction of a measured 4096^2 matmul peak (float32 on CPU, bfloat16 on
+GPU) that training reaches, the input pipeline's delivery rate against the train step's
+consumption, and the time from process start to the first finished train step of
+configs/digits.py. With --compare=diffusers the same architecture in diffusers/PyTorch is timed
+the same way (sampling with diffusers' own scheduler loops under `torch.inference_mode()`), its
+measurements alternating with ours in this one process so that both see the same machine load;
+all times are medians. Where the CPU computes bfloat16 natively (AMX, AVX-512 BF16) it also
+times both sides in bfloat16: our `model.dtype=bfloat16` against torch's CPU autocast.
 
 On CPU the script first re-executes itself with `diffusion_jax.cpu_env` (malloc settings and
-XLA flags; set DIFFUSION_JAX_CPU_ENV=0 to measure without them). Prints a table and writes JSON.
+the XLA flags chosen for this CPU; set DIFFUSION_JAX_CPU_ENV=0 to measure without them). The
+header names the CPU and the settings in force. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from diffusion_jax import generation, input_pipeline, parallel, summary, train
-from diffusion_jax import task as task_lib
+from diffusion_jax import input_pipeline, parallel
+from experiments import jax_side
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 config_flags.DEFINE_config_file('config', os.path.join(_ROOT, 'configs', 'bench.py'),
@@ -60,12 +64,13 @@ flags.DEFINE_enum('compare', None, ['diffusers', 'phema'],
 flags.DEFINE_string('output', 'benchmark.json', 'Where the JSON results go.')
 flags.DEFINE_integer('warmup', 2, 'Untimed calls before each measurement.')
 flags.DEFINE_integer('repeats', 10, 'Timed train steps and forward passes per side.')
-flags.DEFINE_integer('sample_repeats', 3, 'Timed DDIM-50 sampling calls.')
+flags.DEFINE_integer('sample_repeats', 3, 'Timed calls of each sampler.')
 flags.DEFINE_integer('pipeline_batches', 50, 'Timed batches of the input pipeline.')
 flags.DEFINE_bool('first_step', True, 'Time `launch.py` on configs/digits.py to its first step.')
+flags.DEFINE_bool('bf16', True, 'With --compare=diffusers, also time bfloat16 compute (ours against '
+                  'torch\'s CPU autocast) where the CPU has it natively (AMX, AVX-512 BF16).')
 FLAGS = flags.FLAGS
 
-DDIM_STEPS = 50
 PHEMA_WIDTHS = (0.05, 0.10)
 
 
@@ -148,72 +153,32 @@ def time_to_first_step(workdir: str, timeout: float = 600.0) -> float | None:
   return seconds
 
 
-class JaxBench:
-  """Our train step, forward pass and DDIM sampler on one fixed global batch on the devices."""
-
-  def __init__(self, config, mesh, images: np.ndarray):
-    self.config, self.mesh = config, mesh
-    self.task = task = task_lib.create_task(config)
-    self.state = task_lib.create_train_state(config, task, mesh)
-    b = config.training.batch_size
-    self.batch = parallel.host_to_global(
-        {'x': images, 'label': np.zeros((b,), np.int32)}, parallel.batch_sharding(mesh))
-    start = time.perf_counter()
-    self.train_step = train.make_train_step(config, task, mesh).lower(
-        self.state, self.batch).compile()
-    self.train_compile_s = time.perf_counter() - start
-    self.train_flops = summary.compiled_flops(self.train_step, mesh.size)
-    stats = self.train_step.memory_analysis()
-    # XLA's own accounting of the step's buffers (per device): the state is the arguments
-    # (donated, so aliased to the outputs); temp is what the step allocates besides.
-    self.train_memory = {name: int(getattr(stats, f'{name}_size_in_bytes', 0) or 0)
-                         for name in ('argument', 'output', 'alias', 'temp')}
-    self.params_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state.params))
-    rng = jax.random.PRNGKey(1)
-    self.x_t = jax.device_put(jax.random.normal(rng, images.shape), parallel.batch_sharding(mesh))
-    self.t = jax.device_put(jax.random.randint(rng, (b,), 0, config.diffusion.num_timesteps),
-                            parallel.batch_sharding(mesh))
-    apply = jax.jit(lambda params, x, t: task.model.apply({'params': params}, x, t))
-    start = time.perf_counter()
-    self.apply = apply.lower(self.state.params, self.x_t, self.t).compile()
-    self.forward_compile_s = time.perf_counter() - start
-    self.forward_flops = summary.compiled_flops(self.apply)
-    self.generate = generation.make_generate_fn(config, task, mesh, num_steps=DDIM_STEPS)
-    self.num_params = summary.parameter_count(self.state.params)
-
-  def step(self) -> None:
-    self.state, metrics = self.train_step(self.state, self.batch)
-    jax.block_until_ready((self.state, metrics))
-
-  def forward(self) -> None:
-    self.apply(self.state.params, self.x_t, self.t).block_until_ready()
-
-  def sample(self) -> None:
-    self.generate(self.state.ema_params, jax.random.PRNGKey(2), self.config.training.batch_size)
-
-
 def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeats: int,
-        pipeline_batches: int, first_step: bool) -> dict:
+        pipeline_batches: int, first_step: bool, bf16: bool) -> dict:
   """Every measurement, as a JSON-ready dict (see the module docstring)."""
   config = config.copy_and_resolve_references()
   b = config.training.batch_size
   config.sampling.batch_size = b
-  config.sampling.num_steps = DDIM_STEPS
-  config.sampling.sampler = 'ddim'
   mesh = parallel.create_mesh()
   device = jax.devices()[0]
+  cpu = cpu_env.read_cpu()
+  on_cpu = jax.default_backend() == 'cpu'
   res = {'device': f'{jax.device_count()} x {device.device_kind} ({device.platform})',
          'host': f'{platform.machine()}, {os.cpu_count()} CPUs', 'jax': jax.__version__,
+         'cpu': {'name': cpu.describe(), 'vendor': cpu.vendor, 'family': cpu.family,
+                 'model': cpu.model, 'isa': cpu.isa, 'kind': cpu.kind},
          'batch_size': b, 'image_shape': list(input_pipeline.example_shape(config)),
          'environment': {k: os.environ.get(k, '') for k in
                          list(cpu_env.MALLOC_SETTINGS) + ['XLA_FLAGS']}}
+  # bfloat16 rows where the processor computes in it natively (or on an accelerator).
+  bf16 = bf16 and compare == 'diffusers' and (cpu.has_bf16 or not on_cpu)
   with tempfile.TemporaryDirectory() as tmp:
     if config.data.source == 'npz' and not config.data.path:
       config.data.path = synthetic_npz(tmp, max(2048, 4 * b), config.data.image_size,
                                        config.data.channels)
     images = next(input_pipeline.host_batches(config, b))['x']
     logging.info('Compiling the train step, forward and sampler.')
-    jb = JaxBench(config, mesh, images)
+    jb = jax_side.JaxBench(config, mesh, images)
     res['params'] = jb.num_params
     res['train_step_flops'] = jb.train_flops
     res['forward_flops'] = jb.forward_flops
@@ -226,12 +191,15 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
     jb.forward()
     res['peak_memory'] = peak_memory_bytes()  # ours alone: before PyTorch allocates anything
 
-    fns_train, fns_forward, tb = {'jax': jb.step}, {'jax': jb.forward}, None
+    fns_train, fns_forward = {'jax': jb.step}, {'jax': jb.forward}
+    bf16_train, bf16_forward = {}, {}  # timed as a pair of their own, after float32
+    fns_sample = {f'jax {name}': fn for name, fn in jb.samplers.items()}
     if compare == 'diffusers':
       from experiments import diffusers_side  # pylint: disable=g-import-not-at-top
       import torch  # pylint: disable=g-import-not-at-top
       torch.set_num_threads(len(os.sched_getaffinity(0)))
-      tb = diffusers_side.TorchBench(config, images, np.asarray(jb.task.schedule.alphas_cumprod))
+      abar = np.asarray(jb.task.schedule.alphas_cumprod)
+      tb = diffusers_side.TorchBench(config, images, abar)
       torch_params = diffusers_side.parameter_count(tb.model)
       if torch_params != jb.num_params:
         raise SystemExit(f'FATAL: diffusers UNet2DModel has {torch_params:,} parameters, ours '
@@ -240,43 +208,66 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
                       'params': torch_params,
                       'matmul_peak_flops': diffusers_side.matmul_flops_per_s()}
       fns_train['torch'], fns_forward['torch'] = tb.train_step, tb.forward
+      for name, (sampler, steps, _) in jax_side.SAMPLERS.items():
+        fns_sample[f'torch {name}'] = tb.sampler(sampler, steps, config.sampling.clip_x0)
+      if bf16:
+        logging.info('Compiling the bfloat16 train step and forward.')
+        jh = jax_side.JaxBench(jax_side.bf16_config(config), mesh, images, samplers=False)
+        th = diffusers_side.TorchBench(config, images, abar, bfloat16=True)
+        bf16_train = {'jax bf16': jh.step, 'torch bf16': th.train_step}
+        bf16_forward = {'jax bf16': jh.forward, 'torch bf16': th.forward}
+        res['bf16_train_compile_s'] = jh.train_compile_s
     elif compare == 'phema':
       with_phema = config.copy_and_resolve_references()
       with_phema.training.phema_sigma_rels = PHEMA_WIDTHS
-      jp = JaxBench(with_phema, mesh, images)
+      jp = jax_side.JaxBench(with_phema, mesh, images, samplers=False)
       fns_train['jax+phema'] = jp.step
 
     logging.info('Timing train steps: %s, alternating.', ', '.join(fns_train))
     train_times = alternate(fns_train, warmup=warmup, repeats=repeats)
     logging.info('Timing forward passes.')
     forward_times = alternate(fns_forward, warmup=warmup, repeats=repeats)
-    logging.info('Timing DDIM-%d sampling.', DDIM_STEPS)
-    sample_times = alternate({'jax': jb.sample}, warmup=1, repeats=sample_repeats)
-    res['train_images_per_s'] = b / median(train_times['jax'])
-    res['forward_images_per_s'] = b / median(forward_times['jax'])
-    res['ddim50_images_per_s'] = b / median(sample_times['jax'])
+    if bf16_train:
+      logging.info('Timing bfloat16 train steps and forward passes.')
+      train_times.update(alternate(bf16_train, warmup=warmup, repeats=repeats))
+      forward_times.update(alternate(bf16_forward, warmup=warmup, repeats=repeats))
+    logging.info('Timing sampling: %s.', ', '.join(fns_sample))
+    sample_times = alternate(fns_sample, warmup=1, repeats=sample_repeats)
+    rate = lambda times: b / median(times)
+    res['train_images_per_s'] = rate(train_times['jax'])
+    res['forward_images_per_s'] = rate(forward_times['jax'])
+    res['sampling_images_per_s'] = {name: rate(t) for name, t in sample_times.items()}
+    res['ddim50_images_per_s'] = res['sampling_images_per_s']['jax ddim50']
     res['train_flops_per_s'] = jb.train_flops / median(train_times['jax'])
     res['train_fraction_of_peak'] = res['train_flops_per_s'] / res['matmul_peak_flops']
-    res['times_s'] = {'train': train_times, 'forward': forward_times, 'ddim50': sample_times}
+    res['times_s'] = {'train': train_times, 'forward': forward_times, 'sampling': sample_times}
     if compare == 'phema':
       memory = jp.train_memory
       res['phema'] = {
           'sigma_rels': list(PHEMA_WIDTHS),
-          'train_images_per_s': b / median(train_times['jax+phema']),
+          'train_images_per_s': rate(train_times['jax+phema']),
           'train_ratio_on_over_off': median(train_times['jax']) / median(train_times['jax+phema']),
           'train_step_memory_bytes': memory,
           'extra_argument_over_params': ((memory['argument'] - jb.train_memory['argument'])
                                          / jb.params_bytes),
           'extra_temp_bytes': memory['temp'] - jb.train_memory['temp']}
-    if tb is not None:
+    if compare == 'diffusers':
       t = res['torch']
-      t['train_images_per_s'] = b / median(train_times['torch'])
-      t['forward_images_per_s'] = b / median(forward_times['torch'])
+      t['train_images_per_s'] = rate(train_times['torch'])
+      t['forward_images_per_s'] = rate(forward_times['torch'])
       t['train_flops_per_s'] = jb.train_flops / median(train_times['torch'])
       t['train_fraction_of_peak'] = t['train_flops_per_s'] / res['matmul_peak_flops']
-      res['ratio_jax_over_torch'] = {
-          'train': res['train_images_per_s'] / t['train_images_per_s'],
-          'forward': res['forward_images_per_s'] / t['forward_images_per_s']}
+      ratios = {'train': res['train_images_per_s'] / t['train_images_per_s'],
+                'forward': res['forward_images_per_s'] / t['forward_images_per_s']}
+      for name in jax_side.SAMPLERS:
+        ratios[name] = median(sample_times[f'torch {name}']) / median(sample_times[f'jax {name}'])
+      if bf16:
+        res['bf16'] = {f'{side} {kind}': rate(times[f'{side} bf16'])
+                       for side in ('jax', 'torch')
+                       for kind, times in (('train', train_times), ('forward', forward_times))}
+        for kind in ('train', 'forward'):
+          ratios[f'{kind} bf16'] = res['bf16'][f'jax {kind}'] / res['bf16'][f'torch {kind}']
+      res['ratio_jax_over_torch'] = ratios
       res['process_peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     logging.info('Timing the input pipeline and the digits start-up.')
@@ -306,7 +297,14 @@ def format_table(res: dict) -> str:
       f'{res["train_compile_s"]:.1f} / {res["forward_compile_s"]:.1f}')
   add('train images/s', res['train_images_per_s'], t.get('train_images_per_s'), '{:.2f}')
   add('forward images/s', res['forward_images_per_s'], t.get('forward_images_per_s'), '{:.2f}')
-  add(f'DDIM-{DDIM_STEPS} sampling images/s', res['ddim50_images_per_s'], fmt='{:.3f}')
+  sampling = res['sampling_images_per_s']
+  for name, (sampler, steps, spacing) in jax_side.SAMPLERS.items():
+    add(f'sampling images/s, {sampler} {steps} calls ({spacing})', sampling[f'jax {name}'],
+        sampling.get(f'torch {name}'), '{:.3f}')
+  if 'bf16' in res:
+    for kind in ('train', 'forward'):
+      add(f'bfloat16 {kind} images/s (torch: CPU autocast)', res['bf16'][f'jax {kind}'],
+          res['bf16'][f'torch {kind}'], '{:.2f}')
   add('train GFLOP/s', res['train_flops_per_s'] / 1e9, scale('train_flops_per_s', 1e9))
   add('train, % of the matmul peak below', 100 * res['train_fraction_of_peak'],
       scale('train_fraction_of_peak', 0.01), '{:.0f}%', ratio=False)
@@ -336,11 +334,14 @@ def main(argv):
   del argv
   res = run(FLAGS.config, compare=FLAGS.compare, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
             sample_repeats=FLAGS.sample_repeats, pipeline_batches=FLAGS.pipeline_batches,
-            first_step=FLAGS.first_step)
+            first_step=FLAGS.first_step, bf16=FLAGS.bf16)
   res['command'] = ' '.join(['python'] + [os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:])
   print(f'{res["device"]}; {res["host"]}; jax {res["jax"]}'
         + (f'; torch {res["torch"]["version"]}' if 'torch' in res else '')
         + f'; batch {res["batch_size"]}')
+  print(f'CPU: {res["cpu"]["name"]}')
+  print('settings: ' + (' '.join(f'{k}={v}' for k, v in res['environment'].items() if v)
+                        or 'none (DIFFUSION_JAX_CPU_ENV=0 or not on CPU)'))
   print(format_table(res))
   with open(FLAGS.output, 'w') as f:
     json.dump(res, f, indent=2)

@@ -7,10 +7,14 @@ an EMA update of the parameters. Needs the `bench` extra (torch, diffusers).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Callable
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
+from diffusers import DPMSolverMultistepScheduler
 from diffusers import UNet2DModel
 
 
@@ -47,9 +51,13 @@ class TorchBench:
     alphas_cumprod: float64 [T], the noise schedule.
   """
 
-  def __init__(self, config, images: np.ndarray, alphas_cumprod: np.ndarray, seed: int = 0):
+  def __init__(self, config, images: np.ndarray, alphas_cumprod: np.ndarray, seed: int = 0,
+               bfloat16: bool = False):
     torch.manual_seed(seed)
     tc = config.training
+    # bfloat16: the steps run under torch's CPU autocast (parameters and optimizer stay float32).
+    self.autocast = ((lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if bfloat16
+                     else contextlib.nullcontext)
     self.model = build_unet(config).train()
     self.params = [p for p in self.model.parameters()]
     self.ema = [p.detach().clone() for p in self.params]
@@ -57,6 +65,7 @@ class TorchBench:
                                  eps=tc.eps, weight_decay=tc.weight_decay)
     self.grad_clip, self.ema_decay = tc.grad_clip, tc.ema_decay
     self.x0 = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    self.alphas_cumprod = np.asarray(alphas_cumprod, np.float64)
     self.abar = torch.from_numpy(alphas_cumprod.astype(np.float32))
     self.t_fixed = torch.randint(0, len(self.abar), (len(self.x0),))
     self.x_fixed = torch.randn_like(self.x0)
@@ -68,7 +77,9 @@ class TorchBench:
     noise = torch.randn_like(self.x0)
     a = self.abar[t].view(b, 1, 1, 1)
     x_t = a.sqrt() * self.x0 + (1 - a).sqrt() * noise
-    loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, noise)
+    with self.autocast():
+      prediction = self.model(x_t, t).sample
+    loss = torch.nn.functional.mse_loss(prediction.float(), noise)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     if self.grad_clip:
@@ -80,8 +91,41 @@ class TorchBench:
 
   def forward(self) -> np.ndarray:
     """One noise prediction on the fixed noisy batch, without autograd."""
-    with torch.inference_mode():
-      return self.model(self.x_fixed, self.t_fixed).sample.numpy()
+    with torch.inference_mode(), self.autocast():
+      return self.model(self.x_fixed, self.t_fixed).sample.float().numpy()
+
+  def sampler(self, name: str, num_steps: int, clip_x0: float) -> Callable[[], np.ndarray]:
+    """sample() -> float32 [B, C, H, W]: one batch drawn with diffusers' own scheduler loop.
+
+    `name` 'ddim': DDIMScheduler, eta 0, `leading` spacing (ours `uniform`), x0 clipped to
+    [-clip_x0, clip_x0]; 'dpm_solver++': DPMSolverMultistepScheduler, DPM-Solver++(2M),
+    `linspace` spacing, lower orders at the end. Both on this schedule's betas, under
+    `torch.inference_mode()`, one network call per step.
+    """
+    abar = self.alphas_cumprod
+    betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+    common = dict(num_train_timesteps=len(abar), trained_betas=betas)
+    if name == 'ddim':
+      scheduler = DDIMScheduler(**common, clip_sample=clip_x0 > 0, clip_sample_range=clip_x0,
+                                set_alpha_to_one=False, timestep_spacing='leading')
+    elif name == 'dpm_solver++':
+      scheduler = DPMSolverMultistepScheduler(**common, algorithm_type='dpmsolver++',
+                                              solver_order=2, timestep_spacing='linspace')
+    else:
+      raise ValueError(f'no diffusers loop for sampler {name!r}: ddim or dpm_solver++.')
+    generator = torch.Generator().manual_seed(0)
+
+    def sample() -> np.ndarray:
+      scheduler.set_timesteps(num_steps)
+      x = torch.randn(self.x0.shape, generator=generator)
+      self.model.eval()
+      with torch.inference_mode(), self.autocast():
+        for t in scheduler.timesteps:
+          x = scheduler.step(self.model(x, t).sample.float(), t, x).prev_sample
+      self.model.train()
+      return x.numpy()
+
+    return sample
 
 
 def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:

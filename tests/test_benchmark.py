@@ -27,20 +27,30 @@ def test_benchmark_writes_every_field(tmp_path):
   proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| train images/s |' in proc.stdout
+  assert proc.stdout.splitlines()[1].startswith('CPU: ')  # the header names the CPU
+  assert proc.stdout.splitlines()[2].startswith('settings: ')  # and the settings in force
   res = json.loads(out.read_text())
   for key in ('params', 'train_step_flops', 'forward_flops', 'train_compile_s',
               'forward_compile_s', 'train_images_per_s', 'forward_images_per_s',
               'ddim50_images_per_s', 'matmul_peak_flops', 'train_fraction_of_peak',
               'peak_memory', 'pipeline_images_per_s', 'pipeline_over_consumption',
               'digits_first_step_s', 'environment', 'command', 'train_step_memory_bytes',
-              'params_bytes'):
+              'params_bytes', 'sampling_images_per_s', 'cpu'):
     assert key in res, key
   assert res['train_step_flops'] > 0 and res['train_images_per_s'] > 0
   assert res['peak_memory']['bytes'] > 0
   assert res['digits_first_step_s'] is None  # --nofirst_step
+  samplers = {'ddim50', 'dpm_solver++20'}
+  assert set(res['sampling_images_per_s']) >= {f'jax {name}' for name in samplers}
+  assert all(v > 0 for v in res['sampling_images_per_s'].values())
   if HAVE_DIFFUSERS:
     assert res['torch']['params'] == res['params']
-    assert set(res['ratio_jax_over_torch']) == {'train', 'forward'}
+    ratios = {'train', 'forward'} | samplers
+    if res['cpu']['isa'] in ('amx', 'avx512_bf16'):  # bfloat16 rows where the CPU has it
+      ratios |= {'train bf16', 'forward bf16'}
+      assert set(res['bf16']) == {'jax train', 'jax forward', 'torch train', 'torch forward'}
+    assert set(res['ratio_jax_over_torch']) == ratios
+    assert all(v > 0 for v in res['ratio_jax_over_torch'].values())
 
 
 def test_layer_benchmark_prints_every_layer():
@@ -54,3 +64,21 @@ def test_layer_benchmark_prints_every_layer():
   for layer in ('GroupNorm+SiLU', 'attention', 'upsample + conv'):
     assert (layer, 'ours') in implementations
   assert all(float(r[2]) > 0 and float(r[3].strip(' |')) > 0 for r in rows)
+
+
+def test_profile_step_sums_the_trace_by_kind(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'profile_step.py'),
+         f'--config={os.path.join(ROOT, "configs", "bench.py")}',
+         '--config.data.image_size=16', '--config.model.channels=16',
+         '--config.model.channel_mult=(1,2)', '--config.model.num_groups=8',
+         '--config.training.batch_size=4', '--steps=1', '--top=5', f'--trace_dir={tmp_path}']
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith('CPU: ')
+  kinds = {line.split(' | ')[0].strip('| ') for line in proc.stdout.splitlines()
+           if line.startswith('| ') and line.count('|') == 4}
+  assert 'convolution' in kinds, proc.stdout
+  shares = [float(line.rsplit('|', 2)[1].strip(' %')) for line in proc.stdout.splitlines()
+            if line.startswith('| ') and line.count('|') == 4 and '%' in line]
+  assert 99.0 < sum(shares) < 101.0, proc.stdout  # the kinds add up to all the time

@@ -33,3 +33,37 @@ def test_default_writer_writes_tensorboard_events(tmp_path):
   acc.Reload()
   assert {'loss', 'samples'} <= set(acc.Tags()['tensors'])  # TF2 summaries are tensors
   assert metric_logging.read_metrics(workdir) == [{'step': 3, 'loss': 0.25}]
+
+
+def test_the_background_writer_starts_at_the_first_write_and_loses_nothing():
+  import threading  # pylint: disable=g-import-not-at-top
+  release, built, calls = threading.Event(), [], []
+
+  class Recorder(metric_logging.LoggingWriter):
+    def write_scalars(self, step, scalars):
+      calls.append(('scalars', step, scalars))
+
+    def write_images(self, step, images):
+      calls.append(('images', step, sorted(images)))
+
+    def flush(self):
+      calls.append(('flush',))
+
+  def build():
+    built.append(True)
+    release.wait(10)  # a slow import
+    return Recorder()
+
+  writer = metric_logging.BackgroundWriter(build)
+  writer.flush()  # nothing written yet: nothing built, nothing waited for
+  assert not built
+  writer.write_scalars(1, {'loss': 1.0})  # starts the build, does not wait for it
+  writer.write_images(1, {'samples': np.zeros((1, 2, 2, 3))})
+  writer.write_scalars(2, {'loss': 0.5})
+  assert built and not calls
+  release.set()
+  writer.flush()  # waits, then replays in order
+  assert calls == [('scalars', 1, {'loss': 1.0}), ('images', 1, ['samples']),
+                   ('scalars', 2, {'loss': 0.5}), ('flush',)]
+  writer.write_scalars(3, {'loss': 0.25})  # once built, writes go straight through
+  assert calls[-1] == ('scalars', 3, {'loss': 0.25})
