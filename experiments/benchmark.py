@@ -1,4 +1,4 @@
-"""Speed of the U-Net: train step, forward, sampling, bfloat16, input pipeline, start-up; vs diffusers.
+"""Speed of the U-Net: train, forward, sampling, bfloat16, input pipeline, start-up; vs diffusers.
 
   python experiments/benchmark.py --config=configs/bench.py --compare=diffusers
   python experiments/benchmark.py --config=configs/bench.py --config.training.batch_size=32
@@ -67,8 +67,9 @@ flags.DEFINE_integer('repeats', 10, 'Timed train steps and forward passes per si
 flags.DEFINE_integer('sample_repeats', 3, 'Timed calls of each sampler.')
 flags.DEFINE_integer('pipeline_batches', 50, 'Timed batches of the input pipeline.')
 flags.DEFINE_bool('first_step', True, 'Time `launch.py` on configs/digits.py to its first step.')
-flags.DEFINE_bool('bf16', True, 'With --compare=diffusers, also time bfloat16 compute (ours against '
-                  'torch\'s CPU autocast) where the CPU has it natively (AMX, AVX-512 BF16).')
+flags.DEFINE_bool('bf16', True, 'With --compare=diffusers, also time bfloat16 compute (ours '
+                  'against torch\'s CPU autocast) where the CPU has it natively (AMX, '
+                  'AVX-512 BF16).')
 FLAGS = flags.FLAGS
 
 PHEMA_WIDTHS = (0.05, 0.10)

@@ -39,8 +39,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from diffusion_jax import parallel, train
-from diffusion_jax import task as task_lib
+from diffusion_jax import input_pipeline, parallel
+from experiments import jax_side
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 config_flags.DEFINE_config_file('config', os.path.join(_ROOT, 'configs', 'bench.py'),
@@ -147,27 +147,21 @@ def main(argv):
   del argv
   config = FLAGS.config.copy_and_resolve_references()
   mesh = parallel.create_mesh()
-  task = task_lib.create_task(config)
-  state = task_lib.create_train_state(config, task, mesh)
   b = config.training.batch_size
-  shape = (b,) + tuple(task.info.shape)
-  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-  batch = parallel.host_to_global({'x': x, 'label': np.zeros((b,), np.int32)},
-                                  parallel.batch_sharding(mesh))
-  step = train.make_train_step(config, task, mesh).lower(state, batch).compile()
+  shape = (b,) + tuple(input_pipeline.example_shape(config))
+  images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  bench = jax_side.JaxBench(config, mesh, images, samplers=False)
   for _ in range(2):
-    state, _ = step(state, batch)
-  jax.block_until_ready(state)
+    bench.step()
   trace_dir = FLAGS.trace_dir or tempfile.mkdtemp(prefix='profile_step_')
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(FLAGS.steps):
-      state, metrics = step(state, batch)
-      jax.block_until_ready((state, metrics))
+      bench.step()
   cpu = cpu_env.read_cpu()
   print(f'CPU: {cpu.describe()}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; '
         f'jax {jax.__version__}; batch {b}; {FLAGS.steps} steps; trace in {trace_dir}')
-  print(tables(operation_times(read_perfetto_trace(trace_dir)), hlo_ops(step.as_text()),
-               FLAGS.steps, FLAGS.top))
+  ops = hlo_ops(bench.train_step.as_text())
+  print(tables(operation_times(read_perfetto_trace(trace_dir)), ops, FLAGS.steps, FLAGS.top))
 
 
 if __name__ == '__main__':
