@@ -43,12 +43,18 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_layers = 4  # mlp: residual blocks
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.schedule = 'linear'  # linear | cosine | offset_cosine | sigmoid
+  diffusion.process = 'ddpm'  # ddpm (discrete, T steps) | vp | flow | edm (continuous time)
+  diffusion.schedule = 'linear'  # ddpm: linear | cosine | offset_cosine | sigmoid; vp: cosine | linear
   diffusion.schedule_kwargs = ''  # the schedule's own parameters, e.g. 'beta_end=0.01' (linear)
-  diffusion.num_timesteps = 1000  # T
-  diffusion.prediction_type = 'eps'  # eps | x0 | v
+  diffusion.num_timesteps = 1000  # T of the ddpm process
+  diffusion.sigma_min = 0.002  # edm: the smallest noise level
+  diffusion.sigma_max = 80.0  # edm: the largest noise level
+  diffusion.sigma_data = 0.5  # edm preconditioning and weighting: the data's standard deviation
+  diffusion.prediction_type = 'eps'  # eps | x0 | v | flow (eps - x0) | edm (preconditioned F)
   diffusion.loss = 'l2'  # l2 | l1
-  diffusion.min_snr_gamma = 0.0  # Min-SNR-gamma loss weighting (0: off; 5 is typical)
+  diffusion.loss_weighting = 'none'  # none | min_snr | sigmoid | edm (a weight on the data error)
+  diffusion.min_snr_gamma = 5.0  # loss_weighting=min_snr: min(SNR, gamma)
+  diffusion.sigmoid_bias = 0.0  # loss_weighting=sigmoid: b of SNR sigmoid(b - log SNR)
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128  # global batch, split over every device of every host
@@ -68,6 +74,12 @@ def get_config() -> ml_collections.ConfigDict:
   training.phema_dtype = 'float32'  # post-hoc EMA: dtype of the snapshots (float32 | bfloat16)
   training.label_dropout = 0.1  # class_conditional: drop labels to "none" for guidance
   training.seed = 0  # initialisation, data order and noise
+  training.time_sampling = 'uniform'  # uniform | stratified | logit_normal (SD3) | lognormal (EDM)
+  training.logit_normal_mean = 0.0  # logit_normal: log sigma~ ~ N(mean, std)
+  training.logit_normal_std = 1.0
+  training.lognormal_mean = -1.2  # lognormal: EDM's P_mean
+  training.lognormal_std = 1.2  # lognormal: EDM's P_std
+  training.time_shift = 1.0  # SD3's shift of the training times (sigma~ multiplied by it)
   training.steps_per_call = 1  # train steps per compiled call (lax.scan)
   training.log_every = 100  # metrics to stdout and TensorBoard
   training.sample_every = 5000  # sample grid from the EMA params (0: off)
@@ -75,15 +87,22 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3  # how many checkpoints to keep
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ddim'  # ddpm | ddim | dpm_solver++ | unipc
-  sampling.num_steps = 50  # network calls of ddim, dpm_solver++ and unipc (ddpm runs all T)
+  sampling.sampler = 'ddim'  # ddpm | ddim | dpm_solver++ | unipc | euler | heun | edm | euler_maruyama
+  sampling.num_steps = 50  # steps: network calls, but heun / edm make 2 num_steps - 1 (ddpm: all T)
   sampling.eta = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
   sampling.solver_order = 2  # dpm_solver++ / unipc: 1, 2 or 3 (1 is DDIM with eta 0)
   sampling.stochastic = False  # dpm_solver++ only: its SDE form, fresh noise at every step
-  sampling.spacing = 'uniform'  # leading=uniform, trailing, linspace, quadratic, karras, logsnr
+  sampling.spacing = 'uniform'  # uniform (=leading on ddpm), linspace, karras, logsnr, shifted;
+                                # ddpm only: trailing, quadratic
+  sampling.time_shift = 1.0  # spacing=shifted: SD3's shift (3.0 in SD3)
+  sampling.s_churn = 0.0  # edm sampler: S_churn (EDM Algorithm 2)
+  sampling.s_tmin = 0.0  # edm sampler: churn only for sigma~ in [s_tmin, s_tmax]
+  sampling.s_tmax = float('inf')
+  sampling.s_noise = 1.0  # edm sampler: S_noise
   sampling.variance = 'small'  # DDPM: small (posterior) | large (beta)
   sampling.clip_x0 = 1.0  # clip predicted x0 to [-c, c] (1: images in [-1, 1]; 0: no clipping)
   sampling.guidance_scale = 1.0  # classifier-free guidance (1: plain conditional)
+  sampling.guidance_interval = ()  # (lo, hi): guide only where lo < sigma~ <= hi (): everywhere
   sampling.label = -1  # class of the samples (-1: cycle through the classes)
   sampling.num_samples = 64  # --mode=sample: how many to generate
   sampling.batch_size = 64  # global batch for generation

@@ -26,6 +26,7 @@ def get_config():
   config.diffusion.schedule = 'cosine'
   config.diffusion.num_timesteps = 1000
   config.diffusion.prediction_type = 'v'
+  config.diffusion.loss_weighting = 'min_snr'
   config.diffusion.min_snr_gamma = 5.0
   config.training.batch_size = 128
   config.training.learning_rate = 2e-4

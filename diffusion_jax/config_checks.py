@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from diffusion_jax import (diffusion, models, phema, posthoc_ema, schedules, sources, step_tables,
-                           timesteps)
+from diffusion_jax import (diffusion, models, phema, posthoc_ema, processes, schedules, sources,
+                           step_tables, timesteps)
 
 LR_SCHEDULES = ('constant', 'cosine')
 
@@ -31,19 +31,19 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
   if data.source == 'toy2d':
     _choice(data.name, sources.TOY_DATASETS, 'data.name')
   _validate_model(data, model)
-  _choice(diff.schedule, schedules.SCHEDULES, 'diffusion.schedule')
-  schedules.kwargs_from_config(diff)  # names unknown or malformed diffusion.schedule_kwargs
-  _choice(diff.prediction_type, diffusion.PREDICTION_TYPES, 'diffusion.prediction_type')
-  _choice(diff.loss, diffusion.LOSS_TYPES, 'diffusion.loss')
-  if diff.num_timesteps < 2:
-    raise ValueError(f'diffusion.num_timesteps={diff.num_timesteps} must be at least 2.')
+  _validate_diffusion(diff)
+  process = processes.from_config(diff)
   if mode == 'train':
     _validate_training(train, num_devices)
     _validate_posthoc_ema(train)
     if train.sample_every > 0:
-      _validate_sampling(samp, diff.num_timesteps, preview=True)
+      _validate_sampling(samp, process, preview=True)
   elif mode in ('sample', 'eval'):
-    _validate_sampling(samp, diff.num_timesteps, preview=False)
+    _validate_sampling(samp, process, preview=False)
+    if mode == 'eval' and config.eval.bpd_num_examples and process.name != 'ddpm':
+      raise ValueError(f'eval.bpd_num_examples={config.eval.bpd_num_examples}: bits/dim is the '
+                       'variational bound of the discrete chain (diffusion.process=ddpm); set '
+                       f'--config.eval.bpd_num_examples=0 for diffusion.process={process.name}.')
     if samp.batch_size < 1:
       raise ValueError(f'sampling.batch_size={samp.batch_size} must be at least 1.')
     if samp.ema_sigma_rel and not 0.0 < samp.ema_sigma_rel <= phema.MAX_SIGMA_REL:
@@ -51,8 +51,32 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
                        f'{phema.MAX_SIGMA_REL}] (0: the EMA of training.ema_decay).')
 
 
+def _validate_diffusion(diff) -> None:
+  _choice(diff.process, processes.PROCESSES, 'diffusion.process')
+  if diff.process == 'vp':
+    _choice(diff.schedule, processes.VP_SCHEDULES, 'diffusion.schedule')
+  else:
+    _choice(diff.schedule, schedules.SCHEDULES, 'diffusion.schedule')
+    schedules.kwargs_from_config(diff)  # names unknown or malformed diffusion.schedule_kwargs
+  _choice(diff.prediction_type, diffusion.PREDICTION_TYPES, 'diffusion.prediction_type')
+  _choice(diff.loss, diffusion.LOSS_TYPES, 'diffusion.loss')
+  _choice(diff.loss_weighting, diffusion.LOSS_WEIGHTINGS, 'diffusion.loss_weighting')
+  if diff.loss_weighting == 'min_snr' and diff.min_snr_gamma <= 0:
+    raise ValueError(f'diffusion.min_snr_gamma={diff.min_snr_gamma} must be positive with '
+                     'diffusion.loss_weighting=min_snr (5 is typical).')
+  if diff.num_timesteps < 2:
+    raise ValueError(f'diffusion.num_timesteps={diff.num_timesteps} must be at least 2.')
+  if diff.sigma_data <= 0:
+    raise ValueError(f'diffusion.sigma_data={diff.sigma_data} must be positive (0.5 for images '
+                     'in [-1, 1]).')
+
+
 def _validate_training(train, num_devices: int) -> None:
   _choice(train.lr_schedule, LR_SCHEDULES, 'training.lr_schedule')
+  _choice(train.time_sampling, processes.TIME_SAMPLINGS, 'training.time_sampling')
+  for field in ('time_shift', 'logit_normal_std', 'lognormal_std'):
+    if train[field] <= 0:
+      raise ValueError(f'training.{field}={train[field]} must be positive.')
   per_call = train.batch_size
   if per_call <= 0 or per_call % num_devices:
     raise ValueError(f'training.batch_size={per_call} (global) must be a positive multiple of '
@@ -115,7 +139,7 @@ def _validate_posthoc_ema(train) -> None:
     _choice(train.phema_dtype, posthoc_ema.DTYPES, 'training.phema_dtype')
 
 
-def _validate_sampling(samp, num_timesteps: int, preview: bool) -> None:
+def _validate_sampling(samp, process, preview: bool) -> None:
   """The settings of the sampler that runs: the training previews' (sampling.preview_sampler,
   .preview_steps) or the one of --mode=sample/eval (sampling.sampler, .num_steps)."""
   sampler, steps = ('preview_sampler', 'preview_steps') if preview else ('sampler', 'num_steps')
@@ -123,6 +147,28 @@ def _validate_sampling(samp, num_timesteps: int, preview: bool) -> None:
   _choice(samp.spacing, timesteps.SPACINGS, 'sampling.spacing')
   if samp.solver_order not in range(1, step_tables.MAX_ORDER + 1):
     raise ValueError(f'sampling.solver_order={samp.solver_order} must be 1, 2 or 3.')
-  if samp[sampler] != 'ddpm' and not 1 <= samp[steps] <= num_timesteps:
+  if samp[sampler] == 'ddpm' and not process.discrete:
+    raise ValueError(f'sampling.{sampler}=ddpm runs the T steps of the discrete chain, which '
+                     f'diffusion.process={process.name} has not; use ddim with sampling.eta=1 '
+                     '(ancestral steps) or euler_maruyama.')
+  if process.discrete and samp[sampler] != 'ddpm' and not (
+      1 <= samp[steps] <= process.num_timesteps):
     raise ValueError(f'sampling.{steps}={samp[steps]} must lie in '
-                     f'[1, diffusion.num_timesteps={num_timesteps}].')
+                     f'[1, diffusion.num_timesteps={process.num_timesteps}].')
+  if not process.discrete:
+    if samp.spacing not in timesteps.CONTINUOUS_SPACINGS:
+      raise ValueError(f'sampling.spacing={samp.spacing!r} picks integer timesteps of the ddpm '
+                       f'process; on diffusion.process={process.name} choose one of '
+                       f'{timesteps.CONTINUOUS_SPACINGS}.')
+    if samp[steps] < 1:
+      raise ValueError(f'sampling.{steps}={samp[steps]} must be at least 1.')
+  if samp.time_shift <= 0:
+    raise ValueError(f'sampling.time_shift={samp.time_shift} must be positive (1: no shift).')
+  if samp.s_churn < 0 or samp.s_noise <= 0 or samp.s_tmin > samp.s_tmax:
+    raise ValueError(f'sampling.s_churn={samp.s_churn}, .s_noise={samp.s_noise}, '
+                     f'.s_tmin={samp.s_tmin}, .s_tmax={samp.s_tmax}: need s_churn >= 0, '
+                     's_noise > 0 and s_tmin <= s_tmax (EDM: 40, 1.003, 0.05, 50 on ImageNet).')
+  interval = tuple(samp.guidance_interval)
+  if interval and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
+    raise ValueError(f'sampling.guidance_interval={interval} must be () (everywhere) or '
+                     '(lo, hi) with 0 <= lo < hi, noise levels sigma~ (EDM2: (0.28, 2.9)).')

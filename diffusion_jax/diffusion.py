@@ -1,9 +1,28 @@
-"""The Gaussian diffusion itself: forward process, posterior, parameterisations, losses, VLB.
+"""The Gaussian diffusion itself: forward process, parameterisations, losses, variational bound.
 
-Everything here is a pure function of a `Schedule`, arrays and, where noise is drawn, a PRNG key.
-Images are float arrays [B, ...] in [-1, 1]; timesteps `t` are int32 [B] in [0, T).
-A network is seen only as `apply(x_t, t) -> prediction` of the configured type
-(`eps`, `x0` or `v`); `eps_fn_from` turns it into the `eps_fn(x_t, t)` that samplers take.
+Everything here is a pure function of arrays, a process (`processes.py`) or, for the discrete
+chain's posterior and bound, a `Schedule`, and, where noise is drawn, a PRNG key. Images are float
+arrays [B, ...] in [-1, 1]; t is a process time [B] (for `ddpm` the integer index in [0, T)).
+
+A network is seen only as `predict(net_input, net_time) -> prediction` of the configured type;
+`process.net_input` / `process.net_time` say what it receives, and `x0_from_prediction` is the one
+conversion from any prediction type to the data prediction D = x0_hat that samplers use. With
+x_t = alpha x0 + sigma eps, sigma~ = sigma / alpha:
+
+  eps   eps                                 x0 = (x_t - sigma eps) / alpha
+  x0    x0                                  x0 = x0
+  v     alpha eps - sigma x0                x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)
+  flow  eps - x0 (the velocity of flow)     x0 = (x_t - sigma u) / (alpha + sigma)
+  edm   F of D = c_skip x_t / alpha + c_out F, c_skip = sd^2 / (sigma~^2 + sd^2),
+        c_out = sigma~ sd / sqrt(sigma~^2 + sd^2), sd = sigma_data (Karras et al. 2022, Table 1,
+        on x_t / alpha, whose noise level is sigma~)
+
+Every loss weighting is a weight w(t) on the data-space error ||D - x0||^2, applied to the
+prediction's own error through (dD/dprediction)^2 (`x0_error_scale`), except `none`, which is the
+plain mean squared error of the prediction (DDPM's L_simple for eps):
+  min_snr   min(SNR, gamma)                              (Hang et al. 2023)
+  sigmoid   SNR sigmoid(b - lambda), lambda = log SNR     (Kingma & Gao 2023; Hoogeboom et al. 2024)
+  edm       (sigma~^2 + sd^2) / (sigma~ sd)^2            (Karras et al. 2022)
 """
 
 from __future__ import annotations
@@ -16,8 +35,9 @@ import jax.numpy as jnp
 
 from diffusion_jax.schedules import Schedule
 
-PREDICTION_TYPES = ('eps', 'x0', 'v')
+PREDICTION_TYPES = ('eps', 'x0', 'v', 'flow', 'edm')
 LOSS_TYPES = ('l2', 'l1')
+LOSS_WEIGHTINGS = ('none', 'min_snr', 'sigmoid', 'edm')
 
 Array = jnp.ndarray
 PredictFn = Callable[[Array, Array], Array]
@@ -28,7 +48,164 @@ def extract(coef: Array, t: Array, x_shape) -> Array:
   return coef[t].reshape((t.shape[0],) + (1,) * (len(x_shape) - 1))
 
 
-# --- forward process q(x_t | x_0) and posterior q(x_{t-1} | x_t, x_0) ---------------------------
+def _column(a: Array, ndim: int) -> Array:
+  """[B] -> [B, 1, ..., 1] with `ndim` dimensions in all."""
+  return jnp.reshape(a, (-1,) + (1,) * (ndim - 1))
+
+
+# --- the one conversion between predictions ------------------------------------------------------
+
+def _edm_coefficients(alpha, sigma, sigma_data):
+  """(c_skip, c_out) of EDM's preconditioning at noise level sigma~ = sigma / alpha."""
+  st = sigma / alpha
+  c_skip = sigma_data ** 2 / (st ** 2 + sigma_data ** 2)
+  c_out = st * sigma_data / jnp.sqrt(st ** 2 + sigma_data ** 2)
+  return c_skip, c_out
+
+
+def x0_from_prediction(prediction_type: str, pred: Array, x_t: Array, alpha: Array,
+                       sigma: Array, sigma_data: float = 0.5) -> Array:
+  """The data prediction D implied by a network output of `prediction_type` (table above).
+
+  alpha, sigma broadcast against x_t (e.g. [B, 1, ...])."""
+  if prediction_type == 'eps':
+    return (x_t - sigma * pred) / alpha
+  if prediction_type == 'x0':
+    return pred
+  if prediction_type == 'v':
+    return (alpha * x_t - sigma * pred) / (alpha ** 2 + sigma ** 2)
+  if prediction_type == 'flow':
+    return (x_t - sigma * pred) / (alpha + sigma)
+  if prediction_type == 'edm':
+    c_skip, c_out = _edm_coefficients(alpha, sigma, sigma_data)
+    return c_skip * x_t / alpha + c_out * pred
+  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                   f'choose one of {PREDICTION_TYPES}.')
+
+
+def training_target(prediction_type: str, x0: Array, noise: Array, alpha: Array, sigma: Array,
+                    sigma_data: float = 0.5) -> Array:
+  """What a network of `prediction_type` should output at x_t = alpha x0 + sigma noise."""
+  if prediction_type == 'eps':
+    return noise
+  if prediction_type == 'x0':
+    return x0
+  if prediction_type == 'v':
+    return alpha * noise - sigma * x0
+  if prediction_type == 'flow':
+    return noise - x0
+  if prediction_type == 'edm':
+    c_skip, c_out = _edm_coefficients(alpha, sigma, sigma_data)
+    return (x0 - c_skip * (alpha * x0 + sigma * noise) / alpha) / c_out
+  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                   f'choose one of {PREDICTION_TYPES}.')
+
+
+def x0_error_scale(prediction_type: str, alpha: Array, sigma: Array,
+                   sigma_data: float = 0.5) -> Array:
+  """|dD / dprediction| at fixed x_t: an error e in the prediction is an error of size scale * e
+  in D."""
+  if prediction_type == 'eps':
+    return sigma / alpha
+  if prediction_type == 'x0':
+    return jnp.ones_like(alpha)
+  if prediction_type == 'v':
+    return sigma / (alpha ** 2 + sigma ** 2)
+  if prediction_type == 'flow':
+    return sigma / (alpha + sigma)
+  if prediction_type == 'edm':
+    return _edm_coefficients(alpha, sigma, sigma_data)[1]
+  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                   f'choose one of {PREDICTION_TYPES}.')
+
+
+def denoiser(predict: PredictFn, process, prediction_type: str) -> Callable[[Array, Array], Array]:
+  """The network as the samplers' `denoise_fn(x_t, t) -> D` (float32 [B, ...]), t [B]."""
+  def denoise_fn(x_t, t):
+    compute = jnp.promote_types(x_t.dtype, jnp.float32)  # float64 when x_t is
+    pred = predict(process.net_input(x_t, t), process.net_time(t)).astype(compute)
+    alpha, sigma = (_column(a, x_t.ndim).astype(compute) for a in process.alpha_sigma(t))
+    return x0_from_prediction(prediction_type, pred, x_t.astype(compute), alpha, sigma,
+                              process.sigma_data)
+  return denoise_fn
+
+
+def eps_fn_from(predict: PredictFn, process, prediction_type: str) -> PredictFn:
+  """The network as a noise predictor `eps_fn(x_t, t) -> eps_hat` (the variational bound's form).
+  """
+  def eps_fn(x_t, t):
+    pred = predict(process.net_input(x_t, t), process.net_time(t)).astype(x_t.dtype)
+    if prediction_type == 'eps':
+      return pred
+    alpha, sigma = (_column(a, x_t.ndim) for a in process.alpha_sigma(t))
+    x0 = x0_from_prediction(prediction_type, pred, x_t, alpha, sigma, process.sigma_data)
+    return (x_t - alpha * x0) / sigma
+  return eps_fn
+
+
+# --- training loss -------------------------------------------------------------------------------
+
+def x0_weight(weighting: str, alpha: Array, sigma: Array, *, min_snr_gamma: float = 5.0,
+              sigmoid_bias: float = 0.0, sigma_data: float = 0.5) -> Array:
+  """The weight on ||D - x0||^2 of a loss weighting other than `none` (table above)."""
+  snr = jnp.square(alpha / sigma)
+  if weighting == 'min_snr':
+    return jnp.minimum(snr, min_snr_gamma)
+  if weighting == 'sigmoid':
+    return snr * jax.nn.sigmoid(sigmoid_bias - jnp.log(snr))
+  if weighting == 'edm':
+    st2 = jnp.square(sigma / alpha)
+    return (st2 + sigma_data ** 2) / (st2 * sigma_data ** 2)
+  raise ValueError(f'diffusion.loss_weighting={weighting!r} is unknown; '
+                   f'choose one of {LOSS_WEIGHTINGS}.')
+
+
+def prediction_weight(weighting: str, prediction_type: str, alpha: Array, sigma: Array,
+                      **kwargs) -> Array:
+  """The weight on the prediction's own squared error: 1 for `none`, else
+  x0_weight * x0_error_scale^2."""
+  if weighting == 'none':
+    return jnp.ones_like(alpha)
+  scale = x0_error_scale(prediction_type, alpha, sigma, kwargs.get('sigma_data', 0.5))
+  return x0_weight(weighting, alpha, sigma, **kwargs) * jnp.square(scale)
+
+
+def loss_per_example(predict: PredictFn, process, x0: Array, t: Array, noise: Array,
+                     *, prediction_type: str = 'eps', loss_type: str = 'l2',
+                     weighting: str = 'none', min_snr_gamma: float = 5.0,
+                     sigmoid_bias: float = 0.0) -> Array:
+  """The denoising loss of each example [B]: the weighted mean over pixels of
+  |target - prediction|^p.
+
+  With the ddpm process, prediction_type='eps', loss_type='l2' and no weighting this is DDPM's
+  L_simple, ||eps - eps_theta||^2.
+  """
+  alpha, sigma = process.alpha_sigma(t)
+  a, s = _column(alpha, x0.ndim), _column(sigma, x0.ndim)
+  x_t = a * x0 + s * noise
+  pred = predict(process.net_input(x_t, t), process.net_time(t)).astype(jnp.float32)
+  err = pred - training_target(prediction_type, x0, noise, a, s, process.sigma_data)
+  if loss_type == 'l2':
+    per_pixel = jnp.square(err)
+  elif loss_type == 'l1':
+    per_pixel = jnp.abs(err)
+  else:
+    raise ValueError(f'diffusion.loss={loss_type!r} is unknown; choose one of {LOSS_TYPES}.')
+  loss = jnp.mean(per_pixel, axis=tuple(range(1, x0.ndim)))
+  if weighting != 'none':
+    loss = loss * prediction_weight(weighting, prediction_type, alpha, sigma,
+                                    min_snr_gamma=min_snr_gamma, sigmoid_bias=sigmoid_bias,
+                                    sigma_data=process.sigma_data)
+  return loss
+
+
+# --- the discrete chain: q(x_t | x_0), the posterior q(x_{t-1} | x_t, x_0) -----------------------
+# With a = sqrt(abar_t), s = sqrt(1 - abar_t): x_t = a x0 + s eps.
+
+def _rates(schedule: Schedule, t: Array, shape):
+  return (extract(schedule.sqrt_alphas_cumprod, t, shape),
+          extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape))
+
 
 def q_mean_variance(schedule: Schedule, x0: Array, t: Array):
   """Mean [B, ...], variance and log-variance [B, 1, ...] of q(x_t | x_0)."""
@@ -39,8 +216,8 @@ def q_mean_variance(schedule: Schedule, x0: Array, t: Array):
 
 def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
   """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
-  return (extract(schedule.sqrt_alphas_cumprod, t, x0.shape) * x0
-          + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+  a, s = _rates(schedule, t, x0.shape)
+  return a * x0 + s * noise
 
 
 def q_posterior(schedule: Schedule, x0: Array, x_t: Array, t: Array):
@@ -52,111 +229,15 @@ def q_posterior(schedule: Schedule, x0: Array, x_t: Array, t: Array):
   return mean, var, log_var
 
 
-# --- conversions between eps, x0 and v -----------------------------------------------------------
-# With a = sqrt(abar_t), s = sqrt(1 - abar_t): x_t = a x0 + s eps and v = a eps - s x0.
-
-def _rates(schedule: Schedule, t: Array, shape):
-  return (extract(schedule.sqrt_alphas_cumprod, t, shape),
-          extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape))
-
-
 def x0_from_eps(schedule: Schedule, x_t: Array, t: Array, eps: Array) -> Array:
   a, s = _rates(schedule, t, x_t.shape)
-  return (x_t - s * eps) / a
+  return x0_from_prediction('eps', eps, x_t, a, s)
 
-
-def eps_from_x0(schedule: Schedule, x_t: Array, t: Array, x0: Array) -> Array:
-  a, s = _rates(schedule, t, x_t.shape)
-  return (x_t - a * x0) / s
-
-
-def v_from_eps(schedule: Schedule, x0: Array, t: Array, eps: Array) -> Array:
-  a, s = _rates(schedule, t, x0.shape)
-  return a * eps - s * x0
-
-
-def x0_from_v(schedule: Schedule, x_t: Array, t: Array, v: Array) -> Array:
-  a, s = _rates(schedule, t, x_t.shape)
-  return a * x_t - s * v
-
-
-def eps_from_v(schedule: Schedule, x_t: Array, t: Array, v: Array) -> Array:
-  a, s = _rates(schedule, t, x_t.shape)
-  return s * x_t + a * v
-
-
-def eps_from_prediction(schedule: Schedule, prediction_type: str, x_t: Array, t: Array,
-                        pred: Array) -> Array:
-  """The noise estimate implied by a network output of `prediction_type`."""
-  if prediction_type == 'eps':
-    return pred
-  if prediction_type == 'x0':
-    return eps_from_x0(schedule, x_t, t, pred)
-  if prediction_type == 'v':
-    return eps_from_v(schedule, x_t, t, pred)
-  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
-                   f'choose one of {PREDICTION_TYPES}.')
-
-
-def eps_fn_from(predict: PredictFn, schedule: Schedule, prediction_type: str) -> PredictFn:
-  """Wraps a network of any prediction type into the samplers' `eps_fn(x_t, t) -> eps_hat`."""
-  def eps_fn(x_t, t):
-    pred = predict(x_t, t)
-    return eps_from_prediction(schedule, prediction_type, x_t, t, pred.astype(x_t.dtype))
-  return eps_fn
-
-
-# --- training loss -------------------------------------------------------------------------------
 
 def snr(schedule: Schedule, t: Array) -> Array:
   """Signal-to-noise ratio abar_t / (1 - abar_t), [B]."""
   abar = schedule.alphas_cumprod[t]
   return abar / (1.0 - abar)
-
-
-def min_snr_weight(schedule: Schedule, t: Array, prediction_type: str, gamma: float) -> Array:
-  """Min-SNR-gamma weights [B] (Hang et al. 2023), expressed for each prediction target.
-
-  The weight on the x0-space error is min(SNR, gamma); converted to the eps target it is
-  min(SNR, gamma) / SNR, and to the v target min(SNR, gamma) / (SNR + 1).
-  """
-  ratio = snr(schedule, t)
-  clipped = jnp.minimum(ratio, gamma)
-  return {'eps': clipped / ratio, 'x0': clipped, 'v': clipped / (ratio + 1.0)}[prediction_type]
-
-
-def training_target(schedule: Schedule, prediction_type: str, x0: Array, t: Array,
-                    noise: Array) -> Array:
-  if prediction_type == 'eps':
-    return noise
-  if prediction_type == 'x0':
-    return x0
-  if prediction_type == 'v':
-    return v_from_eps(schedule, x0, t, noise)
-  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
-                   f'choose one of {PREDICTION_TYPES}.')
-
-
-def loss_per_example(predict: PredictFn, schedule: Schedule, x0: Array, t: Array, noise: Array,
-                     *, prediction_type: str = 'eps', loss_type: str = 'l2',
-                     min_snr_gamma: Optional[float] = None) -> Array:
-  """The denoising loss of each example [B]: mean over pixels of |target - prediction|^p.
-
-  With prediction_type='eps' and loss_type='l2' this is DDPM's L_simple, ||eps - eps_theta||^2.
-  """
-  x_t = q_sample(schedule, x0, t, noise)
-  pred = predict(x_t, t).astype(jnp.float32)
-  err = pred - training_target(schedule, prediction_type, x0, t, noise)
-  if loss_type == 'l2':
-    per_pixel = jnp.square(err)
-  elif loss_type == 'l1':
-    per_pixel = jnp.abs(err)
-  else:
-    raise ValueError(f'training.loss={loss_type!r} is unknown; choose one of {LOSS_TYPES}.')
-  loss = jnp.mean(per_pixel, axis=tuple(range(1, x0.ndim)))
-  if min_snr_gamma:
-    loss = loss * min_snr_weight(schedule, t, prediction_type, min_snr_gamma)
-  return loss
 
 
 # --- variational bound ---------------------------------------------------------------------------

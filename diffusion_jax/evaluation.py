@@ -131,7 +131,7 @@ def make_bpd_fn(config, task, mesh) -> Callable:
   def bpd(params, x0, labels, rng):
     lab = labels if task.info.num_classes else None
     predict = lambda x_t, t: task.model.apply({'params': params}, x_t, t, lab, train=False)
-    eps_fn = diffusion.eps_fn_from(predict, task.schedule, config.diffusion.prediction_type)
+    eps_fn = diffusion.eps_fn_from(predict, task.process, config.diffusion.prediction_type)
     return diffusion.bits_per_dim(eps_fn, task.schedule, x0, rng,
                                   variance=config.sampling.variance)
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)

@@ -1,9 +1,9 @@
-"""Generation from a model: the network as the samplers' `eps_fn` (with classifier-free
+"""Generation from a model: the network as the samplers' `denoise_fn` (with classifier-free
 guidance), and the jitted, device-sharded generator that training previews, `--mode=sample`,
 `--mode=eval`, the notebook and the figures all use.
 
-The samplers themselves (`samplers`) are pure math over an `eps_fn(x_t, t)`; this module is where
-a config, a network and its parameters meet them.
+The samplers themselves (`samplers`) are pure math over a `denoise_fn(x_t, t)`; this module is
+where a config, a network and its parameters meet them.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from diffusion_jax import diffusion, metric_logging, parallel, samplers, step_ta
 from diffusion_jax.task import Task
 
 
-def guide(eps_cond: jnp.ndarray, eps_uncond: jnp.ndarray, scale: float) -> jnp.ndarray:
-  """Classifier-free guidance (Ho & Salimans 2022): eps_u + scale * (eps_c - eps_u).
+def guide(d_cond: jnp.ndarray, d_uncond: jnp.ndarray, scale) -> jnp.ndarray:
+  """Classifier-free guidance (Ho & Salimans 2022): u + scale * (c - u).
 
-  scale = 1 gives the conditional model; 0 the unconditional one.
+  scale = 1 gives the conditional model; 0 the unconditional one. The combination is the same
+  for noise and data predictions (each is affine in the other at a given x_t), so it is taken on
+  the data predictions the samplers use.
   """
-  return eps_uncond + scale * (eps_cond - eps_uncond)
+  return d_uncond + scale * (d_cond - d_uncond)
 
 
 def sample_labels(index, label: int, num_classes: int):
@@ -33,8 +35,20 @@ def sample_labels(index, label: int, num_classes: int):
   return index * 0 + label if label >= 0 else index % num_classes
 
 
-def make_eps_fn(task: Task, params, labels, config) -> samplers.EpsFn:
-  """The network as `eps_fn(x_t, t)`, with classifier-free guidance when it is conditional.
+def guidance_scale(config, process, t: jnp.ndarray) -> jnp.ndarray:
+  """sampling.guidance_scale at times t [B], or 1 (no guidance) where the noise level sigma~
+  lies outside sampling.guidance_interval = (lo, hi], (Kynkaanniemi et al. 2024)."""
+  scale = config.sampling.guidance_scale
+  lo, hi = tuple(config.sampling.get('guidance_interval', ())) or (0.0, math.inf)
+  if lo <= 0.0 and hi == math.inf:
+    return jnp.asarray(scale, jnp.float32)
+  st = process.sigma_tilde(t)
+  return jnp.where((st > lo) & (st <= hi), scale, 1.0).astype(jnp.float32)
+
+
+def make_denoise_fn(task: Task, params, labels, config) -> samplers.DenoiseFn:
+  """The network as `denoise_fn(x_t, t) -> D`, with classifier-free guidance when it is
+  conditional.
 
   labels: int32 [B] (the class of each sample) or None for an unconditional model. With
   guidance (sampling.guidance_scale != 1) the conditional and the unconditional ("null" label
@@ -42,22 +56,24 @@ def make_eps_fn(task: Task, params, labels, config) -> samplers.EpsFn:
   its unconditional twin so that every device keeps its own rows.
   """
   pt = config.diffusion.prediction_type
-  scale = config.sampling.guidance_scale
 
-  def eps_with(lab):
-    predict = lambda x_t, t: task.model.apply({'params': params}, x_t, t, lab, train=False)
-    return diffusion.eps_fn_from(predict, task.schedule, pt)
+  def denoise_with(lab):
+    predict = lambda x_in, t_net: task.model.apply({'params': params}, x_in, t_net, lab,
+                                                   train=False)
+    return diffusion.denoiser(predict, task.process, pt)
 
-  if not task.info.num_classes or scale == 1.0:
-    return eps_with(labels)
+  if not task.info.num_classes or config.sampling.guidance_scale == 1.0:
+    return denoise_with(labels)
   null = jnp.full_like(labels, task.info.num_classes)
-  eps_pairs = eps_with(_interleave(labels, null))
+  denoise_pairs = denoise_with(_interleave(labels, null))
 
-  def eps_fn(x_t, t):
-    eps = eps_pairs(_interleave(x_t, x_t), _interleave(t, t))
-    eps = eps.reshape((x_t.shape[0], 2) + x_t.shape[1:])
-    return guide(eps[:, 0], eps[:, 1], scale)
-  return eps_fn
+  def denoise_fn(x_t, t):
+    d = denoise_pairs(_interleave(x_t, x_t), _interleave(t, t))
+    d = d.reshape((x_t.shape[0], 2) + x_t.shape[1:])
+    scale = guidance_scale(config, task.process, t)
+    scale = jnp.reshape(scale, (-1,) + (1,) * (x_t.ndim - 1)) if scale.ndim else scale
+    return guide(d[:, 0], d[:, 1], scale)
+  return denoise_fn
 
 
 def _interleave(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
@@ -68,12 +84,15 @@ def _interleave(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 def reverse_steps(config, task: Task, *, sampler: str | None = None,
                   num_steps: int | None = None) -> step_tables.ReverseSteps:
   """The table of the configured sampler (sampling.sampler, .num_steps, .eta, .solver_order,
-  .spacing, .stochastic, .variance), or of `sampler` / `num_steps` when given."""
+  .spacing, .stochastic, .variance, .time_shift, .s_churn, .s_tmin, .s_tmax, .s_noise), or of
+  `sampler` / `num_steps` when given."""
   sc = config.sampling
-  return step_tables.build(sampler or sc.sampler, task.schedule,
+  return step_tables.build(sampler or sc.sampler, task.process,
                            num_steps=num_steps or sc.num_steps, eta=sc.eta,
                            order=sc.solver_order, spacing=sc.spacing,
-                           stochastic=sc.stochastic, variance=sc.variance)
+                           stochastic=sc.stochastic, variance=sc.variance,
+                           shift=sc.time_shift, s_churn=sc.s_churn, s_tmin=sc.s_tmin,
+                           s_tmax=sc.s_tmax, s_noise=sc.s_noise)
 
 
 def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
@@ -97,8 +116,8 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
     if task.info.num_classes:
       index = label_offset + jnp.arange(batch, dtype=jnp.int32)
       labels = sample_labels(index, sc.label, task.info.num_classes)
-    eps_fn = make_eps_fn(task, params, labels, config)
-    return samplers.run_reverse(eps_fn, task.schedule, steps, x_t, jax.random.fold_in(rng, 1),
+    denoise_fn = make_denoise_fn(task, params, labels, config)
+    return samplers.run_reverse(denoise_fn, steps, x_t, jax.random.fold_in(rng, 1),
                                 clip_x0=sc.clip_x0, return_trajectory=return_trajectory)
 
   compiled = jax.jit(run, static_argnums=3, out_shardings=parallel.replicated(mesh))

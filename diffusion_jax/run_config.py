@@ -66,11 +66,24 @@ def _merge(base: dict, override: dict) -> dict:
   return out
 
 
+def _migrate(values: dict) -> None:
+  """Reads the config of a run written before diffusion.loss_weighting: there a positive
+  diffusion.min_snr_gamma alone turned Min-SNR weighting on, and 0 turned it off."""
+  diff = values.get('diffusion')
+  if isinstance(diff, dict) and 'loss_weighting' not in diff:
+    if diff.get('min_snr_gamma'):
+      diff['loss_weighting'] = 'min_snr'
+    else:
+      diff['loss_weighting'] = 'none'
+      diff.pop('min_snr_gamma', None)  # 0 meant "off"; now the default of an unused field
+
+
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   """A ConfigDict from a run's config.json text, on top of configs/default.py when present."""
   values = json.loads(text)
   if not isinstance(values, dict):
     raise ValueError('config.json must hold a JSON object of config groups.')
+  _migrate(values)
   base = default_config()
   if base is None:
     logging.info('configs/default.py not found: using config.json alone.')

@@ -1,12 +1,15 @@
-"""Sampling as one `lax.scan` over a sampler's table: DDPM, DDIM, DPM-Solver++ and UniPC.
+"""Sampling as one `lax.scan` over a sampler's table: every sampler on every process.
 
 The tables, and the scheme every row follows, are in `step_tables` (NumPy float64); the
-timestep spacings are in `timesteps`. `run_reverse` is the only loop: per row one network call,
-the x0 prediction D (optionally clipped), the multistep history of D and the corrector's anchor
+time grids are in `timesteps`. `run_reverse` is the only loop: per row one network call,
+the data prediction D (optionally clipped), the multistep history of D and the corrector's anchor
 carried in the scan state. What a table never uses (a corrector, a history longer than one,
 noise) is left out of the compiled step, so DDIM costs what it did before the solvers came.
 
-Samplers see the network only as `eps_fn(x_t, t) -> eps_hat` (t int32 [B]).
+`run_reverse` and `sample` see the network only as `denoise_fn(x_t, t) -> D` (t: the process
+time, float [B]; `diffusion.denoiser` builds it from a network of any prediction type). The
+`*_sample` functions of the discrete chain take a noise predictor `eps_fn(x_t, t)` with t int32
+[B] and a Schedule, as they always have.
 """
 
 from __future__ import annotations
@@ -17,24 +20,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion, step_tables
+from diffusion_jax import diffusion, processes, step_tables
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.step_tables import ReverseSteps
 
 Array = jnp.ndarray
 EpsFn = Callable[[Array, Array], Array]
+DenoiseFn = Callable[[Array, Array], Array]
 
 
-def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Array, rng: Array,
+def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Array,
                 *, clip_x0: bool | float = True, return_trajectory: bool = False):
   """Runs a reverse chain as one lax.scan.
 
   Args:
-    x_T: the starting noise [B, ...].
+    denoise_fn: (x_t [B, ...], t float [B]) -> the data prediction D [B, ...].
+    x_T: standard normal noise [B, ...]; the chain starts at steps.init_scale x_T.
     clip_x0: clip each x0_hat to [-1, 1] (True, for images in [-1, 1]), to [-c, c] (a number
       c, e.g. for 2-D data in their own coordinates), or not at all (False / 0).
   Returns:
-    x_0 [B, ...], or (x_0, trajectory [S + 1, B, ...] from x_T to x_0) when asked.
+    x_0 [B, ...], or (x_0, trajectory [S + 1, B, ...] from the start to x_0) when asked.
   """
   dtype, batch = x_T.dtype, x_T.shape[0]
   compute = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 for float64 inputs
@@ -45,7 +50,7 @@ def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Arr
                   np.any(steps.corr_d != 0))
   noisy = bool(np.any(steps.sigma != 0))
   real = lambda a: jnp.asarray(a, compute)
-  rows = (jnp.arange(steps.num_calls), jnp.asarray(steps.t, jnp.int32), real(steps.corr_x),
+  rows = (jnp.arange(steps.num_calls), real(steps.t), real(steps.corr_x),
           real(steps.corr_prev), real(steps.corr_d[:, :k]), real(steps.coef_xt),
           real(steps.coef_x0[:, :k]), real(steps.sigma))
 
@@ -55,9 +60,7 @@ def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Arr
   def step(carry, row):
     x, anchor, hist = carry
     i, t, corr_x, corr_prev, corr_d, coef_xt, coef_x0, sigma = row
-    t_vec = jnp.full((batch,), t, jnp.int32)
-    eps = eps_fn(x, t_vec).astype(compute)
-    x0 = diffusion.x0_from_eps(schedule, x.astype(compute), t_vec, eps)
+    x0 = denoise_fn(x, jnp.full((batch,), t, compute)).astype(compute)
     if clip_x0:
       bound = 1.0 if clip_x0 is True else float(clip_x0)
       x0 = jnp.clip(x0, -bound, bound)
@@ -72,6 +75,8 @@ def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Arr
     new = new.astype(dtype)
     return (new, anchor, hist), (new if return_trajectory else None)
 
+  if steps.init_scale != 1.0:
+    x_T = (x_T * steps.init_scale).astype(dtype)
   init = (x_T, x_T.astype(compute), jnp.zeros((k,) + x_T.shape, compute))
   (x0, _, _), traj = jax.lax.scan(step, init, rows)
   if return_trajectory:
@@ -79,21 +84,39 @@ def run_reverse(eps_fn: EpsFn, schedule: Schedule, steps: ReverseSteps, x_T: Arr
   return x0
 
 
+def sample(denoise_fn: DenoiseFn, process: processes.Process, x_T: Array, rng: Array, *,
+           sampler: str, clip_x0: bool | float = True, return_trajectory: bool = False,
+           **settings):
+  """Any sampler (`step_tables.SAMPLERS`) on any process: `settings` are those of
+  `step_tables.build` (num_steps, eta, order, spacing, stochastic, shift, s_churn, ...)."""
+  steps = step_tables.build(sampler, process, **settings)
+  return run_reverse(denoise_fn, steps, x_T, rng, clip_x0=clip_x0,
+                     return_trajectory=return_trajectory)
+
+
+def _eps_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, sampler: str, *,
+                clip_x0, return_trajectory, **settings):
+  """`sample` on the ddpm process of `schedule`, with a noise predictor of integer timesteps."""
+  process = processes.DDPM(schedule)
+  denoise_fn = diffusion.denoiser(lambda x, t: eps_fn(x, t.astype(jnp.int32)), process, 'eps')
+  return sample(denoise_fn, process, x_T, rng, sampler=sampler, clip_x0=clip_x0,
+                return_trajectory=return_trajectory, **settings)
+
+
 def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, *,
                 clip_x0: bool | float = True, variance: str = 'small',
                 return_trajectory: bool = False):
   """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2)."""
-  return run_reverse(eps_fn, schedule, step_tables.ddpm_steps(schedule, variance), x_T, rng,
-                     clip_x0=clip_x0, return_trajectory=return_trajectory)
+  return _eps_sample(eps_fn, schedule, x_T, rng, 'ddpm', num_steps=schedule.num_timesteps,
+                     variance=variance, clip_x0=clip_x0, return_trajectory=return_trajectory)
 
 
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, *, num_steps: int,
                 eta: float = 0.0, spacing: str = 'leading', clip_x0: bool | float = True,
                 return_trajectory: bool = False):
   """DDIM (Song et al. 2020) over `num_steps` timesteps; eta=0 is deterministic given x_T."""
-  steps = step_tables.ddim_steps(schedule, num_steps, eta, spacing)
-  return run_reverse(eps_fn, schedule, steps, x_T, rng, clip_x0=clip_x0,
-                     return_trajectory=return_trajectory)
+  return _eps_sample(eps_fn, schedule, x_T, rng, 'ddim', num_steps=num_steps, eta=eta,
+                     spacing=spacing, clip_x0=clip_x0, return_trajectory=return_trajectory)
 
 
 def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, *,
@@ -102,8 +125,8 @@ def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Arr
                          return_trajectory: bool = False):
   """DPM-Solver++ (Lu et al. 2022) multistep of `order` 1-3 in `num_steps` network calls;
   `stochastic` runs its SDE form (DPM-Solver++(2M) SDE at order 2), which draws noise from rng."""
-  steps = step_tables.dpm_solver_pp_steps(schedule, num_steps, order, spacing, stochastic)
-  return run_reverse(eps_fn, schedule, steps, x_T, rng, clip_x0=clip_x0,
+  return _eps_sample(eps_fn, schedule, x_T, rng, 'dpm_solver++', num_steps=num_steps,
+                     order=order, spacing=spacing, stochastic=stochastic, clip_x0=clip_x0,
                      return_trajectory=return_trajectory)
 
 
@@ -112,6 +135,5 @@ def unipc_sample(eps_fn: EpsFn, schedule: Schedule, x_T: Array, rng: Array, *, n
                  return_trajectory: bool = False):
   """UniPC (Zhao et al. 2023; B(h) = e^h - 1) of `order` 1-3 in `num_steps` network calls;
   deterministic given x_T (rng is not used)."""
-  steps = step_tables.unipc_steps(schedule, num_steps, order, spacing)
-  return run_reverse(eps_fn, schedule, steps, x_T, rng, clip_x0=clip_x0,
-                     return_trajectory=return_trajectory)
+  return _eps_sample(eps_fn, schedule, x_T, rng, 'unipc', num_steps=num_steps, order=order,
+                     spacing=spacing, clip_x0=clip_x0, return_trajectory=return_trajectory)

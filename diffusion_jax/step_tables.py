@@ -1,20 +1,37 @@
-"""The tables of every sampler, built in NumPy float64: DDPM, DDIM, DPM-Solver++ and UniPC.
+"""The tables of every sampler, built in NumPy float64: DDPM, DDIM, DPM-Solver++, UniPC, Euler,
+Heun, EDM's stochastic sampler and Euler-Maruyama, on every process (`processes.py`).
 
-All of them are one scheme, which `samplers.run_reverse` runs as one lax.scan. Row i holds a
-timestep t_i and coefficients; with D the data (x0) prediction of the network at (x, t_i),
-optionally clipped, and `hist` the last K of them (newest first):
+All of them are one scheme, which `samplers.run_reverse` runs as one lax.scan. The chain starts
+at x = init_scale x_T (x_T ~ N(0, I); init_scale = sqrt(alpha^2 + sigma^2) at the first time, the
+spread of x_t for data of unit variance: 1 on VP processes). Row i holds a time t_i and
+coefficients; with D the data (x0) prediction of the network at (x, t_i), optionally clipped, and
+`hist` the last K of them (newest first):
 
     hist   <- [D, hist[0], ..., hist[K-2]]
-    anchor  = corr_x x + corr_prev anchor + corr_d . hist      (UniC corrector; else anchor = x)
+    anchor  = corr_x x + corr_prev anchor + corr_d . hist      (UniC, Heun; else anchor = x)
     x      <- coef_xt anchor + coef_x0 . hist + sigma z,  z ~ N(0, I)
 
-With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t),
-a step from s to t has h = lambda_t - lambda_s:
+With alpha_t, sigma_t the process's rates, lambda_t = log(alpha_t / sigma_t) and
+sigma~_t = sigma_t / alpha_t, a step from s to t has h = lambda_t - lambda_s:
 
   DDPM       posterior mean coefficients of q(x_{t-1} | x_t, x0); sigma^2 = beta~_t ('small') or
-             beta_t ('large'); no noise at t = 0 (K = 1)
-  DDIM       x' = sqrt(abar') D + sqrt(1 - abar' - s^2) eps(D) + s z,
-             s = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar') (K = 1)
+             beta_t ('large'); no noise at t = 0 (K = 1); the ddpm process only
+  DDIM       x' = alpha' D + sqrt(sigma'^2 - s^2) eps(D) + s z, eps(D) = (x - alpha D) / sigma,
+             s = eta alpha' sigma~' sqrt(sigma~^2 - sigma~'^2) / sigma~ (Song et al. 2020, eq. 12;
+             on VP processes eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')) (K = 1)
+  Euler      Karras et al. (2022) Algorithm 1 without its correction, on x~ = x / alpha with noise
+             level sigma~: x~' = x~ + (sigma~' - sigma~) (x~ - D) / sigma~. This is DDIM with
+             eta = 0, step for step (their Section 3), and so is the Euler step of a flow in t
+  Heun       Algorithm 1: the Euler step to x-bar, a second call D' there, and
+             x~' = x~ + (sigma~' - sigma~) (d + d') / 2 with d' = (x-bar~ - D') / sigma~'; the
+             step to sigma = 0 stays Euler (two calls per step but the last)
+  EDM        Algorithm 2: before each step with S_tmin <= sigma~_i <= S_tmax the noise level is
+             raised to sigma-hat = (1 + gamma) sigma~_i, gamma = min(S_churn / S, sqrt(2) - 1),
+             by adding S_noise sqrt(sigma-hat^2 - sigma~_i^2) z (at the end of the row before),
+             then a Heun step from sigma-hat
+  Euler-Maruyama  the reverse SDE with the noise level as time (Karras et al. eq. 6 with
+             beta = sigma~' / sigma~, the SDE of Song et al. 2021):
+             x~' = x~ + 2 (sigma~' - sigma~) (x~ - D) / sigma~ + sqrt(2 sigma~ (sigma~ - sigma~')) z
   DPM-Solver++ (Lu et al. 2022, data prediction, multistep), with D1 = (D_0 - D_1) / r0,
              r0 = h_prev / h, and phi = e^(-h) - 1:
              order 1: x' = sigma_t / sigma_s x - alpha_t phi D_0                 (= DDIM, eta 0)
@@ -27,8 +44,10 @@ a step from s to t has h = lambda_t - lambda_s:
              and after every step but the last the UniC corrector, which moves the point the
              predictor started from using the network's output at the new point (no extra call)
 
-The multistep solvers use lower orders while their history fills and at the end: the last step
-goes to sigma = 0 with order 1 and so returns the data prediction D itself; DPM-Solver++ with
+Every step is linear in x, the earlier data predictions and fresh noise, which is why one scan
+runs them all; the x~ forms above become x-space coefficients through x = alpha x~. Every sampler
+ends with a step to sigma = 0 (alpha = 1) that returns the data prediction D itself. The
+multistep solvers use lower orders while their history fills and at the end; DPM-Solver++ with
 fewer than 15 steps also takes the second-to-last at order <= 2, UniPC always steps at order
 <= the steps left (both as the reference implementations do).
 """
@@ -40,23 +59,23 @@ from typing import NamedTuple
 
 import numpy as np
 
-from diffusion_jax import timesteps
-from diffusion_jax.schedules import Schedule
+from diffusion_jax import processes, timesteps
 
-SAMPLERS = ('ddpm', 'ddim', 'dpm_solver++', 'unipc')
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver++', 'unipc', 'euler', 'heun', 'edm', 'euler_maruyama')
 MAX_ORDER = 3
 _LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++: fewer steps than this end at orders 2, 1
 
 
 class ReverseSteps(NamedTuple):
   """A sampler's table, in the order it runs (t decreasing): S rows, K history slots."""
-  t: np.ndarray  # int32 [S]
+  t: np.ndarray  # float64 [S]: the process time of each network call
   corr_x: np.ndarray  # [S]
   corr_prev: np.ndarray  # [S]
   corr_d: np.ndarray  # [S, K]
   coef_xt: np.ndarray  # [S]
   coef_x0: np.ndarray  # [S, K]
   sigma: np.ndarray  # [S]
+  init_scale: float = 1.0  # the chain starts at init_scale x_T
 
   @property
   def num_calls(self) -> int:
@@ -64,25 +83,29 @@ class ReverseSteps(NamedTuple):
     return len(self.t)
 
 
-def alphas_cumprod64(schedule: Schedule) -> np.ndarray:
-  """abar [T] in float64, recomputed from the betas (the Schedule's own abar is float32, which
-  leaves 1 - abar at small t with only a few significant digits)."""
-  return np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
+def _init_scale(alpha: np.ndarray, sigma: np.ndarray) -> float:
+  return float(np.sqrt(alpha[0] ** 2 + sigma[0] ** 2))
 
 
-def _plain_table(t, coef_xt, coef_x0, sigma) -> ReverseSteps:
+def _plain_table(t, coef_xt, coef_x0, sigma, init_scale=1.0) -> ReverseSteps:
   """Rows without a corrector and with the newest prediction only (K = 1)."""
   s = len(t)
-  return ReverseSteps(np.asarray(t, np.int32), np.ones(s), np.zeros(s), np.zeros((s, 1)),
+  return ReverseSteps(np.asarray(t, np.float64), np.ones(s), np.zeros(s), np.zeros((s, 1)),
                       np.asarray(coef_xt, np.float64),
                       np.asarray(coef_x0, np.float64).reshape(s, 1),
-                      np.asarray(sigma, np.float64))
+                      np.asarray(sigma, np.float64), init_scale)
 
 
-def ddpm_steps(schedule: Schedule, variance: str = 'small') -> ReverseSteps:
-  """All T ancestral steps. variance: 'small' (posterior beta~_t) or 'large' (beta_t)."""
-  betas = np.asarray(schedule.betas, np.float64)
-  abar = alphas_cumprod64(schedule)
+def ddpm_steps(process, variance: str = 'small') -> ReverseSteps:
+  """All T ancestral steps of the ddpm process. variance: 'small' (posterior beta~_t) or
+  'large' (beta_t)."""
+  process = processes.as_process(process)
+  if not process.discrete:
+    raise ValueError(f'sampling.sampler=ddpm runs the T steps of the discrete chain, which '
+                     f'diffusion.process={process.name} has not; use sampling.sampler=ddim with '
+                     'sampling.eta=1 (ancestral steps) or euler_maruyama.')
+  betas = np.asarray(process.schedule.betas, np.float64)
+  abar = process.alphas_cumprod64
   abar_prev = np.concatenate([[1.0], abar[:-1]])
   if variance == 'small':
     var = betas * (1.0 - abar_prev) / (1.0 - abar)
@@ -93,36 +116,38 @@ def ddpm_steps(schedule: Schedule, variance: str = 'small') -> ReverseSteps:
   var[0] = 0.0  # the last step returns the posterior mean
   coef_x0 = betas * np.sqrt(abar_prev) / (1.0 - abar)
   coef_xt = (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)
-  t = np.arange(schedule.num_timesteps)[::-1]
+  t = np.arange(process.num_timesteps)[::-1]
   return _plain_table(t, coef_xt[t], coef_x0[t], np.sqrt(var[t]))
 
 
-def ddim_steps(schedule: Schedule, num_steps: int, eta: float = 0.0,
-               spacing: str = 'leading') -> ReverseSteps:
-  """S DDIM steps with stochasticity eta (0: deterministic DDIM, 1: DDPM-like)."""
-  abar_all = alphas_cumprod64(schedule)
-  seq = timesteps.sampler_timesteps(abar_all, num_steps, spacing)
-  abar = abar_all[seq]
-  abar_prev = np.concatenate([[1.0], abar_all[seq[:-1]]])  # abar = 1 before the first step
-  sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-  c_eps = np.sqrt(np.maximum(1 - abar_prev - sigma ** 2, 0.0))
-  # eps_hat = (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar), folded into the x0 and x_t terms.
-  coef_xt = c_eps / np.sqrt(1 - abar)
-  coef_x0 = np.sqrt(abar_prev) - coef_xt * np.sqrt(abar)
-  r = slice(None, None, -1)
-  return _plain_table(seq[r], coef_xt[r], coef_x0[r], sigma[r])
-
-
-def _log_snr_path(schedule: Schedule, num_steps: int, spacing: str):
-  """Decreasing timesteps [S] and alpha, sigma, lambda at each and at the end (sigma = 0):
-  [S + 1], the last entries alpha = 1, sigma = 0, lambda = inf."""
-  abar_all = alphas_cumprod64(schedule)
-  seq = timesteps.sampler_timesteps(abar_all, num_steps, spacing)[::-1]
-  abar = np.concatenate([abar_all[seq], [1.0]])
-  alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+def _path(process, times: np.ndarray):
+  """alpha, sigma, lambda at decreasing `times` [S] and at the end (sigma = 0): [S + 1], the
+  last entries alpha = 1, sigma = 0, lambda = inf."""
+  process = processes.as_process(process)
+  alpha, sigma = process.alpha_sigma(np.asarray(times, np.float64))
+  alpha, sigma = np.append(alpha, 1.0), np.append(sigma, 0.0)
   with np.errstate(divide='ignore'):
     lam = np.log(alpha) - np.log(sigma)
-  return seq, alpha, sigma, lam
+  return alpha, sigma, lam
+
+
+def _log_snr_path(process, num_steps: int, spacing: str, shift: float = 1.0):
+  """Decreasing times [S] of the spacing and alpha, sigma, lambda ([S + 1], see `_path`)."""
+  process = processes.as_process(process)
+  seq = timesteps.sampler_times(process, num_steps, spacing, shift)
+  return (seq,) + _path(process, seq)
+
+
+def ddim_steps(process, num_steps: int, eta: float = 0.0, spacing: str = 'leading',
+               shift: float = 1.0) -> ReverseSteps:
+  """S DDIM steps with stochasticity eta (0: deterministic DDIM, 1: DDPM-like)."""
+  seq, alpha, sigma, _ = _log_snr_path(process, num_steps, spacing, shift)
+  a, s, a_next, s_next = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
+  st, st_next = s / a, s_next / a_next
+  noise = eta * a_next * st_next * np.sqrt(np.maximum(st ** 2 - st_next ** 2, 0.0)) / st
+  coef_xt = np.sqrt(np.maximum(s_next ** 2 - noise ** 2, 0.0)) / s
+  coef_x0 = a_next - coef_xt * a
+  return _plain_table(seq, coef_xt, coef_x0, noise, _init_scale(alpha, sigma))
 
 
 def _check_order(order: int) -> None:
@@ -137,11 +162,11 @@ def _final_row(k: int):
   return 0.0, coef_x0, 0.0
 
 
-def dpm_solver_pp_steps(schedule: Schedule, num_steps: int, order: int = 2,
-                        spacing: str = 'linspace', stochastic: bool = False) -> ReverseSteps:
-  """DPM-Solver++(order M) multistep, or its SDE form, over `num_steps` timesteps."""
+def dpm_solver_pp_steps(process, num_steps: int, order: int = 2, spacing: str = 'linspace',
+                        stochastic: bool = False, shift: float = 1.0) -> ReverseSteps:
+  """DPM-Solver++(order M) multistep, or its SDE form, over `num_steps` times."""
   _check_order(order)
-  seq, alpha, sigma, lam = _log_snr_path(schedule, num_steps, spacing)
+  seq, alpha, sigma, lam = _log_snr_path(process, num_steps, spacing, shift)
   s, k = len(seq), MAX_ORDER
   coef_xt, coef_x0, noise = np.zeros(s), np.zeros((s, k)), np.zeros(s)
   for i in range(s):
@@ -181,9 +206,8 @@ def dpm_solver_pp_steps(schedule: Schedule, num_steps: int, order: int = 2,
       d1_1 = np.array([0.0, 1.0, -1.0]) / r1
       d += w1 * (d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)) - w2 * (d1_0 - d1_1) / (r0 + r1)
     coef_x0[i] = d
-  s_ones = np.ones(s)
-  return ReverseSteps(seq.astype(np.int32), s_ones, np.zeros(s), np.zeros((s, k)), coef_xt,
-                      coef_x0, noise)
+  return ReverseSteps(seq, np.ones(s), np.zeros(s), np.zeros((s, k)), coef_xt, coef_x0, noise,
+                      _init_scale(alpha, sigma))
 
 
 def _unipc_rhos(lam: np.ndarray, t: int, s0: int, previous: list, corrector: bool):
@@ -210,12 +234,12 @@ def _unipc_rhos(lam: np.ndarray, t: int, s0: int, previous: list, corrector: boo
   return np.array(rks[:-1]), rhos, h_phi_1, b_h
 
 
-def unipc_steps(schedule: Schedule, num_steps: int, order: int = 2,
-                spacing: str = 'linspace') -> ReverseSteps:
-  """UniPC-p (bh2, data prediction) over `num_steps` timesteps, the UniC corrector after every
-  step but the last."""
+def unipc_steps(process, num_steps: int, order: int = 2, spacing: str = 'linspace',
+                shift: float = 1.0) -> ReverseSteps:
+  """UniPC-p (bh2, data prediction) over `num_steps` times, the UniC corrector after every step
+  but the last."""
   _check_order(order)
-  seq, alpha, sigma, lam = _log_snr_path(schedule, num_steps, spacing)
+  seq, alpha, sigma, lam = _log_snr_path(process, num_steps, spacing, shift)
   s, k = len(seq), MAX_ORDER + 1
   orders = [min(order, i + 1, s - i) for i in range(s)]
   table = {name: np.zeros(s) for name in ('corr_x', 'corr_prev', 'coef_xt')}
@@ -254,21 +278,91 @@ def unipc_steps(schedule: Schedule, num_steps: int, order: int = 2,
       d[j] -= a * b_h * rho / rk
       d[0] += a * b_h * rho / rk
     coef_x0[i] = d
-  return ReverseSteps(seq.astype(np.int32), table['corr_x'], table['corr_prev'], corr_d,
-                      table['coef_xt'], coef_x0, np.zeros(s))
+  return ReverseSteps(seq, table['corr_x'], table['corr_prev'], corr_d, table['coef_xt'],
+                      coef_x0, np.zeros(s), _init_scale(alpha, sigma))
 
 
-def build(sampler: str, schedule: Schedule, *, num_steps: int, eta: float = 0.0,
-          order: int = 2, spacing: str = 'leading', stochastic: bool = False,
-          variance: str = 'small') -> ReverseSteps:
-  """The table of the sampler called `sampler` (one of SAMPLERS) with these settings; DDPM
-  always runs all T steps and ignores num_steps, spacing and order."""
+def _raised(process, t: float, gamma: float):
+  """The time whose noise level is (1 + gamma) sigma~(t) (rounded to a timestep on the ddpm
+  process, kept within the process's range) and its alpha, sigma."""
+  if gamma <= 0:
+    return (t,) + tuple(float(v) for v in process.alpha_sigma(np.float64(t)))
+  st = process.sigma_tilde(np.float64(t)) * (1.0 + gamma)
+  t_hat = process.t_of_logsnr(-2.0 * np.log(st))
+  t_hat = float(process.clip_t(np.round(t_hat) if process.discrete else t_hat))
+  return (t_hat,) + tuple(float(v) for v in process.alpha_sigma(np.float64(t_hat)))
+
+
+def edm_steps(process, num_steps: int, spacing: str = 'karras', shift: float = 1.0, *,
+              s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+              s_noise: float = 1.0) -> ReverseSteps:
+  """Karras et al. (2022) Algorithm 2 over `num_steps` noise levels (2 num_steps - 1 network
+  calls); with s_churn = 0 it is Algorithm 1, the deterministic Heun sampler."""
+  process = processes.as_process(process)
+  seq = timesteps.sampler_times(process, num_steps, spacing, shift)
+  n = len(seq)
+  alpha, sigma, _ = _path(process, seq)
+  st = sigma / alpha  # sigma~ [n + 1], 0 at the end
+  gamma = min(s_churn / n, math.sqrt(2.0) - 1.0)
+  hats = [_raised(process, seq[i], gamma if s_tmin <= st[i] <= s_tmax else 0.0)
+          for i in range(n)]
+  rows = []  # (t, corr_x, corr_prev, coef_xt, coef_x0 [2], noise)
+  for i in range(n):
+    t_hat, a_hat, s_hat = hats[i]
+    st_hat = s_hat / a_hat
+    a_next = alpha[i + 1]
+    r = st[i + 1] / st_hat
+    if i == n - 1:  # Euler to sigma = 0: x = D
+      rows.append((t_hat, 1.0, 0.0, 0.0, [1.0, 0.0], 0.0))
+      break
+    # Row A, at x-hat: the Euler step to x-bar at sigma~_{i+1}; x-hat stays the anchor.
+    rows.append((t_hat, 1.0, 0.0, a_next * r / a_hat, [a_next * (1.0 - r), 0.0], 0.0))
+    # Row B, at x-bar: the Heun correction from x-hat with D_i (hist[1]) and D' (hist[0]),
+    # then the next step's raise of the noise level (x = alpha x~ changes alpha with the time).
+    q = (r - 1.0) / 2.0
+    t_up, a_up, s_up = hats[i + 1]
+    up = a_up / a_next
+    extra = a_up * s_noise * math.sqrt(max((s_up / a_up) ** 2 - st[i + 1] ** 2, 0.0))
+    rows.append((seq[i + 1], 0.0, 1.0, up * a_next * r / a_hat,
+                 [-up * a_next * q / r, up * a_next * q * (1.0 - 2.0 * r) / r], extra))
+  t, corr_x, corr_prev, coef_xt, coef_x0, noise = (np.array(c, np.float64) for c in zip(*rows))
+  a0, s0 = hats[0][1], hats[0][2]
+  return ReverseSteps(t, corr_x, corr_prev, np.zeros_like(coef_x0), coef_xt, coef_x0, noise,
+                      float(np.sqrt(a0 ** 2 + s0 ** 2)))
+
+
+def euler_maruyama_steps(process, num_steps: int, spacing: str = 'karras',
+                         shift: float = 1.0) -> ReverseSteps:
+  """Euler-Maruyama on the reverse SDE (see the module docstring) over `num_steps` times."""
+  seq, alpha, sigma, _ = _log_snr_path(process, num_steps, spacing, shift)
+  st = sigma / alpha
+  r = st[1:] / st[:-1]
+  ratio = alpha[1:] / alpha[:-1]
+  coef_xt = ratio * (2.0 * r - 1.0)
+  coef_x0 = 2.0 * alpha[1:] * (1.0 - r)
+  noise = alpha[1:] * np.sqrt(2.0 * st[:-1] * (st[:-1] - st[1:]))
+  coef_xt[-1], coef_x0[-1], noise[-1] = 0.0, 1.0, 0.0  # to sigma = 0: x = D
+  return _plain_table(seq, coef_xt, coef_x0, noise, _init_scale(alpha, sigma))
+
+
+def build(sampler: str, process, *, num_steps: int, eta: float = 0.0, order: int = 2,
+          spacing: str = 'leading', stochastic: bool = False, variance: str = 'small',
+          shift: float = 1.0, s_churn: float = 0.0, s_tmin: float = 0.0,
+          s_tmax: float = math.inf, s_noise: float = 1.0) -> ReverseSteps:
+  """The table of the sampler called `sampler` (one of SAMPLERS) with these settings on
+  `process` (a Schedule stands for its ddpm process). DDPM always runs all T steps and
+  ignores num_steps, spacing and order; heun and edm make 2 num_steps - 1 network calls."""
   if sampler == 'ddpm':
-    return ddpm_steps(schedule, variance)
-  if sampler == 'ddim':
-    return ddim_steps(schedule, num_steps, eta, spacing)
+    return ddpm_steps(process, variance)
+  if sampler in ('ddim', 'euler'):
+    return ddim_steps(process, num_steps, eta if sampler == 'ddim' else 0.0, spacing, shift)
   if sampler == 'dpm_solver++':
-    return dpm_solver_pp_steps(schedule, num_steps, order, spacing, stochastic)
+    return dpm_solver_pp_steps(process, num_steps, order, spacing, stochastic, shift)
   if sampler == 'unipc':
-    return unipc_steps(schedule, num_steps, order, spacing)
+    return unipc_steps(process, num_steps, order, spacing, shift)
+  if sampler in ('heun', 'edm'):
+    churn = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    return edm_steps(process, num_steps, spacing, shift, **(churn if sampler == 'edm' else {}))
+  if sampler == 'euler_maruyama':
+    return euler_maruyama_steps(process, num_steps, spacing, shift)
   raise ValueError(f'sampling.sampler={sampler!r} is unknown; choose one of {SAMPLERS}.')

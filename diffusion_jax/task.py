@@ -1,6 +1,6 @@
 """The task below every mode: the experiment's parts and its state, built from a config.
 
-`create_task(config)` gives the network, the noise schedule, the optimizer with its learning-rate
+`create_task(config)` gives the network, the forward process, the optimizer with its learning-rate
 schedule, and the data's shape and label count; `TrainState` holds what training changes (with
 the EMA of the parameters); `init_train_state` is its pure initial value, `create_train_state`
 that value computed on the devices, `abstract_train_state` its shapes (a restore target), and
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax import (checkpointing, input_pipeline, models, parallel, phema, posthoc_ema,
-                           schedules)
+                           processes, schedules)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -37,10 +37,18 @@ class TrainState(flax.struct.PyTreeNode):
 class Task(NamedTuple):
   """The experiment's moving parts, built from a config."""
   model: Any  # flax module: (x, t, labels, train=) -> prediction
-  schedule: schedules.Schedule
+  process: processes.Process  # the forward process (diffusion.process)
   tx: optax.GradientTransformation
   learning_rate: optax.Schedule
   info: input_pipeline.DataInfo
+
+  @property
+  def schedule(self) -> schedules.Schedule:
+    """The beta schedule of the ddpm process (its posterior and variational bound)."""
+    if not self.process.discrete:
+      raise ValueError(f'diffusion.process={self.process.name} has no discrete beta schedule; '
+                       'the variational bound and DDPM sampling need diffusion.process=ddpm.')
+    return self.process.schedule
 
 
 def learning_rate_schedule(tc) -> optax.Schedule:
@@ -86,7 +94,7 @@ def create_task(config) -> Task:
   info = input_pipeline.data_info(config)
   tx, lr = create_optimizer(config.training)
   return Task(models.create_model(config.model, info.num_classes),
-              schedules.from_config(config.diffusion), tx, lr, info)
+              processes.from_config(config.diffusion), tx, lr, info)
 
 
 def init_params(model, info: input_pipeline.DataInfo, rng: jnp.ndarray):

@@ -15,13 +15,22 @@ step of length 0), so `quadratic` and `karras` can give fewer than S of them:
              timestep nearest to it in log sigma (interpolated, then rounded)
   logsnr     lambda_i evenly spaced from lambda(T - 1) to lambda(0), lambda = -log sigma the
              half log-SNR (DPM-Solver's "logSNR" steps), mapped to trained timesteps the same way
+  shifted    SD3's grid: flow times u_i = sigma~ / (1 + sigma~) evenly spaced, then shifted,
+             u' = s u / (1 + (s - 1) u) (sigma~ multiplied by s), mapped the same way
+
+On a continuous process (`processes.py`) `sampler_times` gives S decreasing times in
+[t_min, t_max] instead: `uniform` (= `linspace`) evenly in the process's own t, `karras`,
+`logsnr` and `shifted` as above between the ends of its range; the integer spacings (leading,
+trailing, quadratic) are for the ddpm process only.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SPACINGS = ('leading', 'uniform', 'trailing', 'linspace', 'quadratic', 'karras', 'logsnr')
+SPACINGS = ('leading', 'uniform', 'trailing', 'linspace', 'quadratic', 'karras', 'logsnr',
+            'shifted')
+CONTINUOUS_SPACINGS = ('uniform', 'linspace', 'karras', 'logsnr', 'shifted')
 KARRAS_RHO = 7.0
 
 
@@ -39,8 +48,45 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int,
   return (hi + ramp * (lo - hi)) ** rho
 
 
+def shifted_sigmas(sigma_min: float, sigma_max: float, num_steps: int,
+                   shift: float = 1.0) -> np.ndarray:
+  """SD3's grid: `num_steps` noise levels sigma~ whose flow times sigma~ / (1 + sigma~) are evenly
+  spaced from sigma_max's down to sigma_min's, each then multiplied by `shift`."""
+  u = np.linspace(sigma_max / (1 + sigma_max), sigma_min / (1 + sigma_min), num_steps)
+  return shift * u / (1 - u)
+
+
+def _wanted_sigmas(sig_lo: float, sig_hi: float, num_steps: int, spacing: str,
+                   shift: float) -> np.ndarray:
+  """Decreasing noise levels sigma~ of the grids defined by noise level, between two ends."""
+  if spacing == 'karras':
+    return karras_sigmas(sig_lo, sig_hi, num_steps)
+  if spacing == 'logsnr':
+    return np.exp(np.linspace(np.log(sig_hi), np.log(sig_lo), num_steps))
+  return shifted_sigmas(sig_lo, sig_hi, num_steps, shift)
+
+
+def sampler_times(process, num_steps: int, spacing: str, shift: float = 1.0) -> np.ndarray:
+  """The times [S] a sampler visits on `process`, decreasing, float64 (see the module docstring).
+  On the ddpm process they are the integer timesteps of `sampler_timesteps`."""
+  if process.discrete:
+    return sampler_timesteps(process.alphas_cumprod64, num_steps, spacing, shift)[::-1] * 1.0
+  if spacing not in CONTINUOUS_SPACINGS:
+    raise ValueError(f'sampling.spacing={spacing!r} picks integer timesteps of the ddpm '
+                     f'process; on diffusion.process={process.name} choose one of '
+                     f'{CONTINUOUS_SPACINGS}.')
+  if num_steps < 1:
+    raise ValueError(f'sampling.num_steps={num_steps} must be at least 1.')
+  if spacing in ('uniform', 'linspace'):
+    return np.linspace(process.t_max, process.t_min, num_steps)
+  ends = process.sigma_tilde(np.array([process.t_min, process.t_max]))
+  wanted = _wanted_sigmas(ends[0], ends[1], num_steps, spacing, shift)
+  times = process.clip_t(process.t_of_logsnr(-2.0 * np.log(wanted)))
+  return np.unique(times)[::-1]  # a shift can push several onto t_max: a step of length 0
+
+
 def sampler_timesteps(alphas_cumprod: np.ndarray, num_steps: int,
-                      spacing: str = 'leading') -> np.ndarray:
+                      spacing: str = 'leading', shift: float = 1.0) -> np.ndarray:
   """The increasing int64 timesteps of `spacing` (see the module docstring) for S = num_steps.
 
   alphas_cumprod: abar [T] of the schedule (only `karras` reads its values).
@@ -58,14 +104,10 @@ def sampler_timesteps(alphas_cumprod: np.ndarray, num_steps: int,
     steps = np.round(np.linspace(0, t - 1, s + 1))[1:]
   elif spacing == 'quadratic':
     steps = np.floor(np.linspace(0, np.sqrt(t * 0.8), s) ** 2)
-  elif spacing == 'karras':
+  elif spacing in ('karras', 'logsnr', 'shifted'):
     sig = sigmas(alphas_cumprod)
-    wanted = karras_sigmas(sig[0], sig[-1], s)
+    wanted = _wanted_sigmas(sig[0], sig[-1], s, spacing, shift)
     steps = np.round(np.interp(np.log(wanted), np.log(sig), np.arange(t)))
-  elif spacing == 'logsnr':
-    log_sigma = np.log(sigmas(alphas_cumprod))  # increasing in t: -lambda
-    wanted = np.linspace(log_sigma[0], log_sigma[-1], s)
-    steps = np.round(np.interp(wanted, log_sigma, np.arange(t)))
   else:
     raise ValueError(f'sampling.spacing={spacing!r} is unknown; choose one of {SPACINGS}.')
   return np.unique(steps.astype(np.int64))

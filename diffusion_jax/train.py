@@ -6,7 +6,7 @@ train step is written per device (the loss is the `lax.pmean` over 'data' of eac
 so the gradient of the replicated parameters is the global batch's) and mapped over every
 device with jit(shard_map).
 
-Random numbers: each example's timestep and noise come from the state key folded with the step
+Random numbers: each example's time and noise come from the state key folded with the step
 and with the example's index in the global batch, so devices never share noise and the losses
 do not depend on how many devices share the batch. Dropout keys are folded with the device
 index (dropout masks therefore do depend on the device count).
@@ -26,8 +26,16 @@ import optax
 
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
                            input_pipeline, metric_logging, parallel, phema, posthoc_ema,
-                           run_config, task as task_lib)
+                           processes, run_config, task as task_lib)
 from diffusion_jax.task import Task, TrainState
+
+
+def time_sampling(tc) -> dict:
+  """The keyword arguments of `processes.training_times` from the training group."""
+  method = tc.time_sampling
+  mean, std = ((tc.logit_normal_mean, tc.logit_normal_std) if method == 'logit_normal' else
+               (tc.lognormal_mean, tc.lognormal_std))
+  return dict(method=method, mean=mean, std=std, shift=tc.time_shift)
 
 
 def _example_keys(step_key: jnp.ndarray, local_batch: int) -> jnp.ndarray:
@@ -50,8 +58,8 @@ def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[T
   b = x0.shape[0]
   step_key = jax.random.fold_in(state.rng, state.step)
   keys = _example_keys(step_key, b)
-  t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
-                                            dc.num_timesteps, jnp.int32))(keys)
+  index = parallel.device_index() * b + jnp.arange(b)
+  t = processes.training_times(task.process, keys, index, tc.batch_size, **time_sampling(tc))
   noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(keys)
   labels = None
   if task.info.num_classes:
@@ -63,8 +71,9 @@ def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[T
     predict = lambda x_t, tt: task.model.apply({'params': params}, x_t, tt, labels, train=True,
                                                rngs={'dropout': dropout_key})
     per_example = diffusion.loss_per_example(
-        predict, task.schedule, x0, t, noise, prediction_type=dc.prediction_type,
-        loss_type=dc.loss, min_snr_gamma=dc.min_snr_gamma or None)
+        predict, task.process, x0, t, noise, prediction_type=dc.prediction_type,
+        loss_type=dc.loss, weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma,
+        sigmoid_bias=dc.sigmoid_bias)
     # The global batch's mean. Parameters are replicated (invariant over 'data'), so their
     # gradient is already summed over devices: it is the global mean's gradient, the same on
     # every device, with no further reduction.

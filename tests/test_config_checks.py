@@ -12,7 +12,15 @@ from tests.conftest import tiny_image_config, tiny_toy_config
     ('diffusion.prediction_type', 'score', 'diffusion.prediction_type'),
     ('diffusion.loss', 'huber', 'diffusion.loss'),
     ('sampling.sampler', 'dpm', 'sampling.sampler'),
-    ('sampling.preview_sampler', 'heun', 'sampling.preview_sampler'),
+    ('sampling.preview_sampler', 'lms', 'sampling.preview_sampler'),
+    ('diffusion.process', 've', 'diffusion.process'),
+    ('diffusion.loss_weighting', 'p2', 'diffusion.loss_weighting'),
+    ('diffusion.sigma_data', 0.0, 'diffusion.sigma_data'),
+    ('training.time_sampling', 'beta', 'training.time_sampling'),
+    ('training.time_shift', 0.0, 'training.time_shift'),
+    ('sampling.guidance_interval', (3.0, 1.0), 'sampling.guidance_interval'),
+    ('sampling.s_churn', -1.0, 'sampling.s_churn'),
+    ('sampling.time_shift', -3.0, 'sampling.time_shift'),
     ('sampling.spacing', 'cubic', 'sampling.spacing'),
     ('sampling.solver_order', 4, 'sampling.solver_order'),
     ('sampling.num_steps', 0, 'sampling.num_steps'),
@@ -81,3 +89,30 @@ def test_toy_data_need_the_mlp():
   config.data.name = 'spiral'
   with pytest.raises(ValueError, match='data.name'):
     config_checks.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('sampling.sampler', 'ddpm', 'sampling.sampler=ddpm'),
+    ('sampling.spacing', 'leading', 'sampling.spacing'),
+    ('diffusion.schedule', 'offset_cosine', 'diffusion.schedule'),
+])
+def test_continuous_processes_refuse_what_only_the_discrete_chain_has(field, value, match):
+  config = tiny_image_config()
+  config.diffusion.process, config.diffusion.schedule = 'vp', 'cosine'
+  config.sampling.spacing = 'karras'
+  group, name = field.split('.')
+  config[group][name] = value
+  with pytest.raises(ValueError, match=match):
+    config_checks.validate(config, 1, 'sample')
+
+
+def test_min_snr_needs_its_gamma_and_bits_per_dim_needs_the_discrete_chain():
+  config = tiny_image_config()
+  config.diffusion.loss_weighting, config.diffusion.min_snr_gamma = 'min_snr', 0.0
+  with pytest.raises(ValueError, match='diffusion.min_snr_gamma'):
+    config_checks.validate(config, 1, 'train')
+  config = tiny_image_config()
+  config.diffusion.process, config.sampling.spacing = 'flow', 'uniform'
+  config.eval.bpd_num_examples = 4
+  with pytest.raises(ValueError, match='eval.bpd_num_examples'):
+    config_checks.validate(config, 1, 'eval')

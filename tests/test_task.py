@@ -1,6 +1,7 @@
 """task: optimizer and EMA helpers, the initial state, and restoring a run's EMA parameters,
 including a checkpoint written before the module layout changed (tests/fixtures/toy2d_step2)."""
 
+import json
 import os
 import shutil
 
@@ -90,3 +91,28 @@ def test_checkpoint_of_the_old_layout_restores_resumes_and_samples(tmp_path):
   assert out['step'] == 3
   with np.load(out['npz']) as f:
     assert f['points'].shape == (config.sampling.num_samples, 2)
+
+
+DDPM_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures',
+                            'toy2d_ddpm_step2')
+
+
+def test_a_ddpm_run_from_before_continuous_time_samples_and_resumes_as_it_did(tmp_path):
+  """A run written before `diffusion.process` existed: its config reads as the ddpm process,
+  --mode=sample gives the samples that version wrote, and resuming logs its step-3 loss."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(DDPM_FIXTURE, workdir)
+  config = run_config.load_config(workdir)
+  assert config.diffusion.process == 'ddpm' and config.diffusion.loss_weighting == 'none'
+  out = sampling.sample(config, workdir)
+  with np.load(out['npz']) as got, np.load(os.path.join(DDPM_FIXTURE, 'samples_step2.npz')) as f:
+    np.testing.assert_allclose(got['points'], f['points'], rtol=1e-5, atol=1e-6)
+
+  with open(os.path.join(DDPM_FIXTURE, 'resumed_metrics.json')) as f:
+    expected = json.load(f)['step3']
+  config.training.num_steps = 3
+  config.training.checkpoint_every = 1
+  resumed = ListWriter()
+  train.train_and_evaluate(config, workdir, writer=resumed)
+  for key in ('loss', 'grad_norm'):
+    assert resumed.scalars[3][key] == pytest.approx(expected[key], rel=1e-5), key
