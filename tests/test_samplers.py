@@ -180,3 +180,39 @@ def test_solvers_clip_the_data_prediction():
   x0 = samplers.dpm_solver_pp_sample(exact_eps, SCHED, 5 * x_T()[:64], None, num_steps=8,
                                      order=3, clip_x0=0.5)
   assert float(jnp.abs(x0).max()) <= 0.5 + 1e-6
+
+
+# Every sampler on every process, with the exact denoiser of x0 ~ N(MU, S_WIDE^2 I):
+#   D(x_t, t) = MU + alpha S^2 / (alpha^2 S^2 + sigma^2) (x_t - alpha MU).
+PROCESSES = {'ddpm': processes.DDPM(COSINE), 'vp': processes.VP('cosine'),
+             'flow': processes.Flow(), 'edm': processes.EDM()}
+SAMPLER_SETTINGS = {  # steps enough for 3% (first-order and SDE samplers need many)
+    'ddim': dict(num_steps=200, spacing='logsnr'),
+    'euler': dict(num_steps=200, spacing='logsnr'),
+    'heun': dict(num_steps=50, spacing='logsnr'),
+    'edm': dict(num_steps=80, spacing='logsnr', s_churn=10.0),
+    'euler_maruyama': dict(num_steps=1000, spacing='logsnr'),
+    'dpm_solver++': dict(num_steps=30, spacing='logsnr', order=2),
+    'dpm_solver++ SDE': dict(num_steps=50, spacing='logsnr', order=2, stochastic=True),
+    'unipc': dict(num_steps=30, spacing='logsnr', order=2),
+}
+
+
+def exact_denoiser(process):
+  def denoise(x_t, t):
+    a, s = (v[:, None] for v in process.alpha_sigma(t))
+    return MU + a * S_WIDE ** 2 / (a ** 2 * S_WIDE ** 2 + s ** 2) * (x_t - a * MU)
+  return denoise
+
+
+@pytest.mark.parametrize('name', list(SAMPLER_SETTINGS))
+@pytest.mark.parametrize('process', list(PROCESSES))
+def test_every_sampler_on_every_process_recovers_the_gaussian(process, name):
+  proc = PROCESSES[process]
+  settings = dict(SAMPLER_SETTINGS[name])
+  sampler = name.split()[0]
+  run = jax.jit(lambda x, r: samplers.sample(exact_denoiser(proc), proc, x, r, sampler=sampler,
+                                             clip_x0=False, **settings))
+  x = np.asarray(run(x_T(), jax.random.PRNGKey(3)))
+  np.testing.assert_allclose(x.mean(0), MU, rtol=0.03)
+  np.testing.assert_allclose(x.std(0), S_WIDE, rtol=0.03)

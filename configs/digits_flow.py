@@ -1,0 +1,20 @@
+"""Flow matching (rectified flow) on the offline digits: `configs/digits.py`'s network, data and
+training budget, with the flow process, the velocity target and SD3's logit-normal times.
+
+  python launch.py --config=configs/digits_flow.py --workdir=/tmp/digits_flow
+"""
+
+from configs import digits
+
+
+def get_config():
+  config = digits.get_config()
+  config.diffusion.process = 'flow'
+  config.diffusion.prediction_type = 'flow'  # the velocity eps - x0
+  config.training.time_sampling = 'logit_normal'  # SD3: log sigma~ ~ N(0, 1)
+  config.sampling.sampler = 'heun'
+  config.sampling.spacing = 'logsnr'
+  config.sampling.num_steps = 10  # 19 network calls
+  config.sampling.preview_sampler = 'heun'
+  config.sampling.preview_steps = 10
+  return config
