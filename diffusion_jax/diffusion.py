@@ -170,6 +170,16 @@ def prediction_weight(weighting: str, prediction_type: str, alpha: Array, sigma:
   return x0_weight(weighting, alpha, sigma, **kwargs) * jnp.square(scale)
 
 
+def eps_weight(weighting: str, prediction_type: str, alpha: Array, sigma: Array,
+               **kwargs) -> Array:
+  """The weight on ||eps - eps_hat||^2 that the loss of (weighting, prediction_type) amounts to
+  at each noise level: every loss here is this weight on one and the same error (Kingma & Gao
+  2023), so together with the density of the training times over log-SNR it compares them."""
+  scale = x0_error_scale(prediction_type, alpha, sigma, kwargs.get('sigma_data', 0.5))
+  return (prediction_weight(weighting, prediction_type, alpha, sigma, **kwargs)
+          * jnp.square(sigma / alpha / scale))
+
+
 def loss_per_example(predict: PredictFn, process, x0: Array, t: Array, noise: Array,
                      *, prediction_type: str = 'eps', loss_type: str = 'l2',
                      weighting: str = 'none', min_snr_gamma: float = 5.0,

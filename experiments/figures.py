@@ -5,6 +5,7 @@
   python experiments/figures.py forward --image=flower.jpg --out=figures/
   python experiments/figures.py reverse --workdir=/tmp/digits --out=figures/
   python experiments/figures.py toy --workdir=/tmp/roll --out=figures/
+  python experiments/figures.py weightings --out=figures/
 
 schedules  signal rate sqrt(abar_t) and noise rate sqrt(1 - abar_t) against t/T of the linear,
            cosine and offset-cosine schedules -> schedules.png
@@ -13,6 +14,8 @@ forward    q(x_t | x_0) of one real image at several t -> forward.png; the image
 reverse    x_T -> x_0 of generated images from a trained run's EMA params -> reverse.png
 toy        Swiss roll (or the run's toy data) to Gaussian -> toy_forward.png, and with a trained
            toy2d --workdir the sampler's way back -> toy_reverse.png
+weightings every formulation's loss as one weighting over log-SNR (Kingma & Gao 2023): the
+           density of its training times times its weight on ||eps - eps_hat||^2 -> weightings.png
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import diffusion, images, schedules, sources
+from diffusion_jax import diffusion, images, processes, schedules, sources
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SCHEDULES = (('linear', 'linear (DDPM)'), ('cosine', 'cosine (improved DDPM)'),
@@ -43,6 +46,64 @@ FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # of T: where the forward
 def default_times(num_timesteps: int) -> list[int]:
   """Timesteps at FRACTIONS of the way from 0 to T - 1 (0, 50, 100, ... 999 for T = 1000)."""
   return sorted({round(f * (num_timesteps - 1)) for f in FRACTIONS})
+
+
+# (label, process, schedule, prediction type, loss weighting, training times)
+WEIGHTINGS = (
+    ('DDPM L_simple (linear, eps)', 'ddpm', 'linear', 'eps', 'none', 'uniform'),
+    ('DDPM cosine, eps', 'ddpm', 'cosine', 'eps', 'none', 'uniform'),
+    ('DDPM cosine, v', 'ddpm', 'cosine', 'v', 'none', 'uniform'),
+    ('Min-SNR-5 (cosine, eps)', 'ddpm', 'cosine', 'eps', 'min_snr', 'uniform'),
+    ('sigmoid b=0 (vp cosine, eps)', 'vp', 'cosine', 'eps', 'sigmoid', 'uniform'),
+    ('rectified flow, uniform t', 'flow', 'linear', 'flow', 'none', 'uniform'),
+    ('SD3 flow, logit-normal t', 'flow', 'linear', 'flow', 'none', 'logit_normal'),
+    ('EDM (log-normal sigma, edm)', 'edm', 'linear', 'edm', 'edm', 'lognormal'),
+)
+
+
+def loss_weighting_over_logsnr(process_name: str, schedule: str, prediction_type: str,
+                               weighting: str, time_sampling: str, bins: np.ndarray,
+                               num: int = 50_000, seed: int = 0) -> np.ndarray:
+  """The loss as a weighting over log-SNR lambda: p(lambda) times the mean weight on
+  ||eps - eps_hat||^2 in each bin of `bins`, from `num` training times drawn as training draws
+  them; normalised to unit area."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.diffusion.process, config.diffusion.schedule = process_name, schedule
+  process = processes.from_config(config.diffusion)
+  tc = config.training
+  mean, std = ((tc.logit_normal_mean, tc.logit_normal_std) if time_sampling == 'logit_normal'
+               else (tc.lognormal_mean, tc.lognormal_std))
+  keys = jax.random.split(jax.random.PRNGKey(seed), num)
+  t = processes.training_times(process, keys, np.arange(num), num, time_sampling, mean=mean,
+                               std=std)
+  alpha, sigma = (np.asarray(v, np.float64) for v in process.alpha_sigma(t))
+  lam = np.log(alpha ** 2 / sigma ** 2)
+  weight = np.asarray(diffusion.eps_weight(weighting, prediction_type, alpha, sigma,
+                                           min_snr_gamma=config.diffusion.min_snr_gamma,
+                                           sigmoid_bias=config.diffusion.sigmoid_bias,
+                                           sigma_data=config.diffusion.sigma_data))
+  total, _ = np.histogram(lam, bins, weights=weight)
+  return total / (total.sum() * np.diff(bins))
+
+
+def weightings_figure(path: str) -> str:
+  """Each of WEIGHTINGS as a normalised weighting over log-SNR, on one axis."""
+  bins = np.linspace(-16, 16, 129)
+  centres = (bins[1:] + bins[:-1]) / 2
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for label, *setting in WEIGHTINGS:
+    density = loss_weighting_over_logsnr(*setting, bins)
+    ax.plot(centres, np.where(density > 0, density, np.nan), label=label)
+  ax.set_yscale('log')
+  ax.set_ylim(1e-4, 5)
+  ax.set_xlabel('log-SNR  lambda = log(alpha^2 / sigma^2)')
+  ax.set_ylabel('p(lambda) x weight on ||eps - eps_hat||^2 (unit area)')
+  ax.set_title('every loss as a weighting over noise levels (Kingma & Gao 2023)')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
 
 
 def _save(fig, path: str) -> str:
@@ -210,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                    help='a trained run (local or gs://); its config.json is used')
     p.add_argument('--config', default=None, help='config file, if workdir has no config.json')
     p.add_argument('--num_steps', type=int, default=0, help='sampler steps (0: the config\'s)')
+  sub.add_parser('weightings', help='every formulation\'s loss as a weighting over log-SNR')
   sub.choices['reverse'].add_argument('--num_samples', type=int, default=4)
   sub.choices['toy'].add_argument('--name', default='swiss_roll',
                                   choices=sources.TOY_DATASETS,
@@ -226,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     image = load_image(args.image, args.index, args.size or None)
     paths = [forward_figure(out('forward.png'), image, schedule=args.schedule,
                             num_timesteps=args.num_timesteps, seed=args.seed)]
+  elif args.command == 'weightings':
+    paths = [weightings_figure(out('weightings.png'))]
   elif args.command == 'reverse':
     paths = [reverse_figure(out('reverse.png'), args.workdir, config_file=args.config,
                             num_steps=args.num_steps or None, num_samples=args.num_samples,

@@ -256,3 +256,21 @@ def test_bits_per_dim_of_the_exact_denoiser_of_a_point_mass():
   import scipy.stats  # pylint: disable=g-import-not-at-top
   p = scipy.stats.norm.cdf(1 / 255, scale=dec_std) - scipy.stats.norm.cdf(-1 / 255, scale=dec_std)
   np.testing.assert_allclose(bpd, prior - math.log2(p), rtol=1e-3)
+
+
+def test_every_loss_is_a_weight_on_the_noise_error():
+  """eps_weight in closed form: L_simple 1, x0-prediction 1 / SNR, Min-SNR min(SNR, gamma) / SNR,
+  EDM's (sigma^2 + sd^2) / sd^2 (alpha = 1), and the flow velocity (alpha + sigma)^2 / alpha^2."""
+  with jax.enable_x64(True):
+    a, s = closed_forms(PROCESSES['ddpm'], times(PROCESSES['ddpm'])[1:])
+    snr = (a / s) ** 2
+    np.testing.assert_allclose(diffusion.eps_weight('none', 'eps', a, s), 1.0)
+    np.testing.assert_allclose(diffusion.eps_weight('none', 'x0', a, s), 1 / snr, rtol=1e-9)
+    np.testing.assert_allclose(diffusion.eps_weight('min_snr', 'v', a, s, min_snr_gamma=5.0),
+                               np.minimum(snr, 5) / snr, rtol=1e-9)
+    a, s = closed_forms(PROCESSES['edm'], times(PROCESSES['edm']))
+    np.testing.assert_allclose(diffusion.eps_weight('edm', 'edm', a, s, sigma_data=SD),
+                               (s ** 2 + SD ** 2) / SD ** 2, rtol=1e-9)
+    a, s = closed_forms(PROCESSES['flow'], times(PROCESSES['flow']))
+    np.testing.assert_allclose(diffusion.eps_weight('none', 'flow', a, s), ((a + s) / a) ** 2,
+                               rtol=1e-9)

@@ -74,3 +74,29 @@ def test_toy_forward_and_reverse(figures, tmp_path):
   assert [os.path.basename(p) for p in paths] == ['toy_forward.png', 'toy_reverse.png']
   for path in paths:
     check_png(path, 800, 150)
+
+
+def test_weightings_over_log_snr(figures, tmp_path):
+  bins = np.linspace(-16, 16, 65)
+  width = np.diff(bins)
+  curves = {label: figures.loss_weighting_over_logsnr(*setting, bins, num=20_000)
+            for label, *setting in figures.WEIGHTINGS}
+  for label, density in curves.items():
+    assert np.sum(density * width) == pytest.approx(1.0), label
+  low = bins[1:] <= -5  # high noise: eps-space weight of v and flow losses grows like 1/alpha^2
+  mass = lambda label: float(np.sum((curves[label] * width)[low]))
+  assert mass('rectified flow, uniform t') > 3 * mass('DDPM cosine, eps')
+  # EDM: log sigma ~ N(-1.2, 1.2) clipped to [log 0.002, log 80], lambda = -2 log sigma, and
+  # weight (sigma^2 + 0.25) / 0.25 on the noise error: the weighted mean of lambda by quadrature.
+  n = np.linspace(-1.2 - 8 * 1.2, -1.2 + 8 * 1.2, 200_001)
+  density = np.exp(-0.5 * ((n + 1.2) / 1.2) ** 2)
+  log_sigma = np.clip(n, np.log(0.002), np.log(80.0))
+  w = density * (np.exp(2 * log_sigma) + 0.25) / 0.25
+  want = float(np.sum(w * -2 * log_sigma) / np.sum(w))
+  centres = (bins[1:] + bins[:-1]) / 2
+  edm = figures.loss_weighting_over_logsnr('edm', 'linear', 'edm', 'edm', 'lognormal', bins,
+                                          num=200_000)
+  # The weight grows like 1/SNR, so the rare high-noise draws move the estimate by ~0.2.
+  assert float(np.sum(centres * edm * width)) == pytest.approx(want, abs=0.4)
+  [path] = figures.main(['weightings', f'--out={tmp_path}'])
+  check_png(path, 600, 300)
