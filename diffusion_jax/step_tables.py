@@ -345,6 +345,12 @@ def euler_maruyama_steps(process, num_steps: int, spacing: str = 'karras',
   return _plain_table(seq, coef_xt, coef_x0, noise, _init_scale(alpha, sigma))
 
 
+def num_steps_for_calls(sampler: str, calls: int) -> int:
+  """The sampling.num_steps that spends at most `calls` network calls (heun and edm call the
+  network twice per step but the last)."""
+  return max(1, (calls + 1) // 2) if sampler in ('heun', 'edm') else calls
+
+
 def build(sampler: str, process, *, num_steps: int, eta: float = 0.0, order: int = 2,
           spacing: str = 'leading', stochastic: bool = False, variance: str = 'small',
           shift: float = 1.0, s_churn: float = 0.0, s_tmin: float = 0.0,

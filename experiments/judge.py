@@ -36,6 +36,9 @@ SAMPLERS = {
     'dpm_solver++(3M) SDE': dict(sampler='dpm_solver++', solver_order=3, stochastic=True),
     'unipc-2': dict(sampler='unipc', solver_order=2),
     'unipc-3': dict(sampler='unipc', solver_order=3),
+    'heun': dict(sampler='heun'),
+    'edm (churn 10)': dict(sampler='edm', s_churn=10.0),
+    'euler_maruyama': dict(sampler='euler_maruyama'),
 }
 TOY_SAMPLES = 5000
 DRAWS = 8  # reference draws / random splits that each score averages over

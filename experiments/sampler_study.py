@@ -1,18 +1,25 @@
-"""Sample quality against network calls: every sampler of a trained run at 5-50 calls.
+"""Sample quality against network calls: every sampler of trained runs at 5-50 calls.
 
   python experiments/sampler_study.py --workdir=/tmp/digits
   python experiments/sampler_study.py --workdir=/tmp/roll --calls=5,10,20,50 --spacing=karras
+  python experiments/sampler_study.py --workdir=/tmp/digits,/tmp/digits_flow,/tmp/digits_edm \\
+      --spacing=logsnr --repeats=3 --out=/tmp/formulations
 
-Restores the run's EMA parameters (its config from `<workdir>/config.json`), samples the judge's
-number of samples (experiments/judge.py: 5,000 points for toy2d, 1,796 digits) with each sampler
-at each number of network calls, and DDPM over all T steps as the reference, and scores each
-set with the judge (1 = as close to the data as fresh real data). For a class-conditional run it
-also samples, with --guided_sampler at --guided_calls, at each of --guidance_scales, and reports
-the share of samples the judge's classifier puts in the class they were asked for.
+Restores each run's EMA parameters (its config from `<workdir>/config.json`), samples the
+judge's number of samples (experiments/judge.py: 5,000 points for toy2d, 1,796 digits) with each
+sampler at each number of network calls (heun and edm: the most steps within it), and a
+reference, and scores each set with the judge (1 = as close to the data as fresh real data). The
+reference is DDPM over all T steps on the ddpm process, and Euler-Maruyama over 1,000 steps on
+the continuous ones. Several runs (comma-separated --workdir, e.g. one per formulation: process
+and parameterisation) make one table with a row per run and sampler; their data must be the
+same. For a class-conditional run it also samples, with --guided_sampler at --guided_calls, at
+each of --guidance_scales, and reports the share of samples the judge's classifier puts in the
+class they were asked for.
 
-Writes to --out (default `<workdir>/sampler_study/`): `table.md` (also printed), `results.json`,
-`quality_vs_calls.png` (a line per sampler), `samples.png` (the best sampler at 20 calls) and, for
-conditional runs, `guidance.md` and `classes.png` (one row per class).
+Writes to --out (default `<workdir>/sampler_study/` for one run): `table.md` (also printed),
+`results.json`, `quality_vs_calls.png` (a line per run and sampler), `samples.png` (the best
+setting at 20 calls) and, for conditional runs, `guidance.md` and `classes.png` (one row per
+class).
 """
 
 from __future__ import annotations
@@ -37,16 +44,17 @@ from absl import flags
 import jax
 import numpy as np
 
-from diffusion_jax import files, generation, images, parallel, run_config
+from diffusion_jax import files, generation, images, parallel, run_config, step_tables
 from diffusion_jax import task as task_lib
 from experiments import judge as judge_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-REFERENCE = 'ddpm'
+REFERENCE = 'reference'
+EM_REFERENCE_STEPS = 1000
 
-flags.DEFINE_string('workdir', None, 'A trained run.')
+flags.DEFINE_list('workdir', None, 'Trained runs (one per formulation), of the same data.')
 flags.DEFINE_string('config', None, 'Config file, used only if the run has no config.json.')
-flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/sampler_study).')
+flags.DEFINE_string('out', '', 'Output folder (default for one run: <workdir>/sampler_study).')
 flags.DEFINE_list('calls', ['5', '10', '20', '50'], 'Network calls per sample.')
 flags.DEFINE_list('samplers', list(judge_lib.SAMPLERS),
                   f'Samplers, among {list(judge_lib.SAMPLERS)}.')
@@ -58,7 +66,8 @@ flags.DEFINE_integer('guided_calls', 20, 'Conditional runs: network calls of the
 flags.DEFINE_integer('seed', 0, 'Noise of the samples and the judge\'s draws.')
 flags.DEFINE_integer('repeats', 1, 'Sample sets per cell (seeds seed, seed + 1, ...); the table '
                      'shows the mean ratio, results.json each one.')
-flags.DEFINE_bool('reference', True, 'Also sample DDPM over all T steps.')
+flags.DEFINE_bool('reference', True, 'Also sample the reference: DDPM over all T steps (ddpm '
+                  'process) or Euler-Maruyama over 1,000 steps (continuous processes).')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
@@ -74,39 +83,58 @@ def sample_set(config, task, mesh, params, n: int, seed: int, **settings):
   return x, generate.num_calls, time.perf_counter() - start
 
 
-def scored(config, task, mesh, params, judge, name: str, **settings) -> tuple[dict, np.ndarray]:
-  """The row of one sampler setting, over --repeats sample sets, and the first set."""
+def formulation(config) -> str:
+  """A run's label: its process and parameterisation, e.g. `ddpm eps`, `flow flow`."""
+  return f'{config.diffusion.process} {config.diffusion.prediction_type}'
+
+
+def scored(config, task, mesh, params, judge, name: str, calls: int | None,
+           **settings) -> tuple[dict, np.ndarray]:
+  """The row of one sampler setting (at most `calls` network calls; None: the sampler's own
+  count), over --repeats sample sets, and the first set."""
+  if calls is not None:
+    settings['num_steps'] = step_tables.num_steps_for_calls(settings['sampler'], calls)
   ratios, first = [], None
   for r in range(FLAGS.repeats):
-    x, calls, seconds = sample_set(config, task, mesh, params, judge.num_samples,
-                                   FLAGS.seed + r, **settings)
+    x, made, seconds = sample_set(config, task, mesh, params, judge.num_samples,
+                                  FLAGS.seed + r, **settings)
     ratios.append(judge.score(x))
     first = x if first is None else first
-  row = {'sampler': name, 'requested_calls': settings.get('num_steps', calls), 'calls': calls,
-         'ratio': float(np.mean(ratios)), 'ratios': ratios, 'seconds': seconds}
+  row = {'formulation': formulation(config), 'sampler': name,
+         'requested_calls': calls or made, 'calls': made, 'ratio': float(np.mean(ratios)),
+         'ratios': ratios, 'seconds': seconds}
   spread = f' +- {np.std(ratios):.3f}' if len(ratios) > 1 else ''
-  print(f'{name:>22} {calls:4d} calls: ratio {row["ratio"]:.3f}{spread} ({seconds:.1f} s per set)',
-        flush=True)
+  print(f'{row["formulation"]:>10} {name:>22} {made:4d} calls: ratio {row["ratio"]:.3f}{spread} '
+        f'({seconds:.1f} s per set)', flush=True)
   return row, first
 
 
+def _label(row: dict, several: bool) -> str:
+  return f'{row["formulation"]}: {row["sampler"]}' if several else row['sampler']
+
+
 def markdown_table(rows: list[dict], calls: list[int]) -> str:
-  """Samplers down, requested network calls across; cells are the judge's ratio, with the calls
-  made in parentheses where a spacing dropped repeated timesteps."""
-  names = list(dict.fromkeys(r['sampler'] for r in rows if r['sampler'] != REFERENCE))
+  """Runs and samplers down, requested network calls across; cells are the judge's ratio (mean
+  over the repeats, +- their spread when there are several), with the calls made in
+  parentheses where they differ from the requested ones."""
+  several = len({r['formulation'] for r in rows}) > 1
+  names = list(dict.fromkeys(_label(r, several) for r in rows if r['sampler'] != REFERENCE))
   lines = ['| sampler | ' + ' | '.join(f'{c} calls' for c in calls) + ' |',
            '| --- |' + ' ---: |' * len(calls)]
 
   def cell(r):
     made = f' ({r["calls"]})' if r['calls'] != r['requested_calls'] else ''
-    return f'{r["ratio"]:.2f}{made}'
+    spread = f' ± {np.std(r["ratios"]):.2f}' if len(r['ratios']) > 1 else ''
+    return f'{r["ratio"]:.2f}{spread}{made}'
   for name in names:
-    cells = {r['requested_calls']: r for r in rows if r['sampler'] == name}
+    cells = {r['requested_calls']: r for r in rows if _label(r, several) == name}
     lines.append(f'| {name} | ' + ' | '.join(
         cell(cells[c]) if c in cells else '' for c in calls) + ' |')
   for r in rows:
     if r['sampler'] == REFERENCE:
-      lines.append(f'| DDPM, {r["calls"]} calls | {r["ratio"]:.2f} |' + ' |' * (len(calls) - 1))
+      what = 'DDPM' if r['formulation'].startswith('ddpm') else 'Euler-Maruyama'
+      prefix = f'{r["formulation"]}: ' if several else ''
+      lines.append(f'| {prefix}{what}, {r["calls"]} calls | {cell(r)} |' + ' |' * (len(calls) - 1))
   return '\n'.join(lines) + '\n'
 
 
@@ -114,13 +142,15 @@ def plot(path: str, rows: list[dict], title: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for name in dict.fromkeys(r['sampler'] for r in rows if r['sampler'] != REFERENCE):
-    pts = sorted((r['calls'], r['ratio']) for r in rows if r['sampler'] == name)
+  several = len({r['formulation'] for r in rows}) > 1
+  fig, ax = plt.subplots(figsize=(8, 5) if several else (6.5, 4.2))
+  for name in dict.fromkeys(_label(r, several) for r in rows if r['sampler'] != REFERENCE):
+    pts = sorted((r['calls'], r['ratio']) for r in rows if _label(r, several) == name)
     ax.plot(*zip(*pts), marker='o', label=name)
   for r in rows:
     if r['sampler'] == REFERENCE:
-      ax.axhline(r['ratio'], color='k', ls='--', lw=1, label=f'DDPM, {r["calls"]} calls')
+      ax.axhline(r['ratio'], color='k', ls='--', lw=1,
+                 label=f'{r["formulation"]} reference, {r["calls"]} calls')
   ax.axhline(1.0, color='gray', ls=':', lw=1, label='real data')
   ax.set_xscale('log')
   ax.set_yscale('log')
@@ -131,7 +161,7 @@ def plot(path: str, rows: list[dict], title: str) -> None:
   ax.set_ylabel('distance to the data / real-vs-real')
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3, which='both')
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=6 if several else 8, ncol=2 if several else 1)
   files.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches='tight',
                                                        format='png'))
   plt.close(fig)
@@ -141,47 +171,75 @@ def guidance_rows(config, task, mesh, params, judge, scales, seed: int) -> list[
   """For a conditional run: the ratio and the share of samples of the asked class per scale."""
   rows = []
   for scale in scales:
-    x, calls, seconds = sample_set(config, task, mesh, params, judge.num_samples, seed,
+    x, made, seconds = sample_set(config, task, mesh, params, judge.num_samples, seed,
                                    guidance_scale=scale, label=-1,
                                    num_steps=FLAGS.guided_calls, spacing=FLAGS.spacing,
                                    **judge_lib.SAMPLERS[FLAGS.guided_sampler])
     asked = generation.sample_labels(np.arange(len(x)), -1, task.info.num_classes)
-    rows.append({'guidance_scale': scale, 'calls': calls, 'ratio': judge.score(x),
+    rows.append({'guidance_scale': scale, 'calls': made, 'ratio': judge.score(x),
                  'class_share': judge.class_share(x, asked), 'seconds': seconds})
     print(f'guidance {scale}: ratio {rows[-1]["ratio"]:.3f}, asked class '
           f'{rows[-1]["class_share"]:.3f}', flush=True)
   return rows
 
 
+def study_run(workdir: str, mesh, judge_for) -> tuple[list[dict], dict]:
+  """Every sampler at every number of calls, and the reference, on one run: (rows, context)."""
+  config = run_config.load_config(workdir, FLAGS.config)
+  task = task_lib.create_task(config)
+  params, step = task_lib.restore_ema_params(config, task, mesh, workdir)
+  judge = judge_for(config)
+  print(f'{workdir} ({formulation(config)}) at step {step}; judge: {judge.description}',
+        flush=True)
+  rows, best = [], None
+  for name in FLAGS.samplers:
+    for c in (int(c) for c in FLAGS.calls):
+      row, x = scored(config, task, mesh, params, judge, name, c, spacing=FLAGS.spacing,
+                      **judge_lib.SAMPLERS[name])
+      rows.append(row)
+      if c == 20 and (best is None or row['ratio'] < best[0]):
+        best = (row['ratio'], name, x)
+  if FLAGS.reference:
+    reference = (dict(sampler='ddpm') if task.process.discrete else
+                 dict(sampler='euler_maruyama', num_steps=EM_REFERENCE_STEPS,
+                      spacing=FLAGS.spacing))
+    rows.append(scored(config, task, mesh, params, judge, REFERENCE, None, **reference)[0])
+  return rows, dict(config=config, task=task, params=params, step=step, judge=judge, best=best)
+
+
 def main(argv):
   del argv
-  config = run_config.load_config(FLAGS.workdir, FLAGS.config)
-  out = FLAGS.out or os.path.join(FLAGS.workdir, 'sampler_study')
+  workdirs = FLAGS.workdir
+  if len(workdirs) > 1 and not FLAGS.out:
+    raise app.UsageError('--out is needed with several --workdir.')
+  out = FLAGS.out or os.path.join(workdirs[0], 'sampler_study')
   unknown = sorted(set(FLAGS.samplers) - set(judge_lib.SAMPLERS))
   if unknown:
     raise app.UsageError(f'--samplers: unknown {unknown}; choose among '
                          f'{list(judge_lib.SAMPLERS)}.')
   mesh = parallel.create_mesh()
-  task = task_lib.create_task(config)
-  params, step = task_lib.restore_ema_params(config, task, mesh, FLAGS.workdir)
-  judge = judge_lib.make_judge(config, seed=FLAGS.seed, num_samples=FLAGS.num_samples)
-  print(f'{FLAGS.workdir} at step {step}; judge: {judge.description}', flush=True)
-  calls = [int(c) for c in FLAGS.calls]
-  rows, best = [], None
-  for name in FLAGS.samplers:
-    for c in calls:
-      row, x = scored(config, task, mesh, params, judge, name, num_steps=c,
-                      spacing=FLAGS.spacing, **judge_lib.SAMPLERS[name])
-      rows.append(row)
-      if c == 20 and (best is None or row['ratio'] < best[0]):
-        best = (row['ratio'], name, x)
-  if FLAGS.reference:
-    rows.append(scored(config, task, mesh, params, judge, REFERENCE, sampler=REFERENCE)[0])
-  table = markdown_table(rows, calls)
-  results = {'workdir': FLAGS.workdir, 'step': step, 'judge': judge.description,
-             'spacing': FLAGS.spacing, 'num_samples': judge.num_samples,
-             'repeats': FLAGS.repeats, 'rows': rows}
-  if task.info.num_classes:
+  judges = {}
+
+  def judge_for(config):  # one judge (and its classifier) for runs of the same data
+    key = (config.data.source, config.data.name, config.data.path)
+    if key not in judges:
+      judges[key] = judge_lib.make_judge(config, seed=FLAGS.seed, num_samples=FLAGS.num_samples)
+    if len(judges) > 1:
+      raise app.UsageError('--workdir: the runs are of different data; study them one by one.')
+    return judges[key]
+
+  rows, runs = [], []
+  for workdir in workdirs:
+    run_rows, context = study_run(workdir, mesh, judge_for)
+    rows += run_rows
+    runs.append(context)
+  first = runs[0]
+  config, task, params, judge = first['config'], first['task'], first['params'], first['judge']
+  table = markdown_table(rows, [int(c) for c in FLAGS.calls])
+  results = {'workdirs': workdirs, 'steps': [r['step'] for r in runs],
+             'judge': judge.description, 'spacing': FLAGS.spacing,
+             'num_samples': judge.num_samples, 'repeats': FLAGS.repeats, 'rows': rows}
+  if task.info.num_classes and len(runs) == 1:
     results['guidance'] = guidance_rows(config, task, mesh, params, judge,
                                         [float(s) for s in FLAGS.guidance_scales], FLAGS.seed)
     guided = ['| guidance scale | distance ratio | samples of the asked class |',
@@ -201,8 +259,11 @@ def main(argv):
                     os.path.join(out, 'classes.png'))
   files.write_text(os.path.join(out, 'table.md'), table)
   files.write_json(os.path.join(out, 'results.json'), results)
+  names = ', '.join(os.path.basename(os.path.abspath(w)) for w in workdirs)
   plot(os.path.join(out, 'quality_vs_calls.png'), rows,
-       f'{os.path.basename(os.path.abspath(FLAGS.workdir))}, step {step}, {FLAGS.spacing} spacing')
+       f'{names}, step {first["step"]}, {FLAGS.spacing} spacing')
+  best = min((r['best'] for r in runs if r['best'] is not None), default=None,
+             key=lambda b: b[0])
   if best is not None:
     shown = best[2] if config.data.source == 'toy2d' else best[2][:100]
     images.save_png(images.picture(config, shown), os.path.join(out, 'samples.png'))

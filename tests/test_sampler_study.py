@@ -32,10 +32,10 @@ def test_toy_study_writes_the_table_plot_and_results(tmp_path):
   folder = os.path.join(workdir, 'sampler_study')
   with open(os.path.join(folder, 'results.json')) as f:
     results = json.load(f)
-  assert results['step'] == 4 and results['num_samples'] == 500
+  assert results['steps'] == [4] and results['num_samples'] == 500
   rows = results['rows']
   assert [(r['sampler'], r['calls']) for r in rows] == [
-      ('ddim', 2), ('ddim', 4), ('unipc-2', 2), ('unipc-2', 4), ('ddpm', 100)]
+      ('ddim', 2), ('ddim', 4), ('unipc-2', 2), ('unipc-2', 4), ('reference', 100)]
   assert all(len(r['ratios']) == 2 and math.isfinite(r['ratio']) and r['ratio'] > 0
              for r in rows)
   with open(os.path.join(folder, 'table.md')) as f:
@@ -61,3 +61,25 @@ def test_conditional_digits_study_reports_guidance(tmp_path):
   with Image.open(os.path.join(folder, 'classes.png')) as im:
     width, height = im.size
   assert height > width * 0.9  # ten rows of ten
+
+
+def test_formulations_side_by_side(tmp_path):
+  """Several runs of the same data, one per formulation: one table with a row per run and
+  sampler; heun within the requested calls; the continuous run's reference is Euler-Maruyama."""
+  runs = []
+  for name, settings in (('ddpm', {}), ('flow', dict(process='flow', prediction_type='flow'))):
+    config = tiny_toy_config()
+    config.diffusion.update(settings)
+    config.sampling.spacing = 'logsnr'
+    runs.append(str(tmp_path / name))
+    train.train_and_evaluate(config, runs[-1], writer=ListWriter())
+  out = study(f'--workdir={",".join(runs)}', f'--out={tmp_path / "study"}', '--calls=3,4',
+              '--samplers=ddim,heun', '--num_samples=500', '--spacing=logsnr')
+  for label in ('ddpm eps: ddim', 'ddpm eps: heun', 'flow flow: ddim', 'flow flow: heun',
+                'ddpm eps: DDPM, 100 calls', 'flow flow: Euler-Maruyama, 1000 calls'):
+    assert f'| {label} |' in out, label
+  with open(tmp_path / 'study' / 'results.json') as f:
+    rows = json.load(f)['rows']
+  heun = [(r['requested_calls'], r['calls']) for r in rows
+          if r['sampler'] == 'heun' and r['formulation'] == 'flow flow']
+  assert heun == [(3, 3), (4, 3)]  # 2 steps = 3 calls
