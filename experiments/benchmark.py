@@ -209,8 +209,9 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
                       'params': torch_params,
                       'matmul_peak_flops': diffusers_side.matmul_flops_per_s()}
       fns_train['torch'], fns_forward['torch'] = tb.train_step, tb.forward
-      for name, (sampler, steps, _) in jax_side.SAMPLERS.items():
-        fns_sample[f'torch {name}'] = tb.sampler(sampler, steps, config.sampling.clip_x0)
+      for name, (sampler, steps, _, process) in jax_side.SAMPLERS.items():
+        fns_sample[f'torch {name}'] = tb.sampler('flow_euler' if process == 'flow' else sampler,
+                                                 steps, config.sampling.clip_x0)
       if bf16:
         logging.info('Compiling the bfloat16 train step and forward.')
         jh = jax_side.JaxBench(jax_side.bf16_config(config), mesh, images, samplers=False)
@@ -299,8 +300,9 @@ def format_table(res: dict) -> str:
   add('train images/s', res['train_images_per_s'], t.get('train_images_per_s'), '{:.2f}')
   add('forward images/s', res['forward_images_per_s'], t.get('forward_images_per_s'), '{:.2f}')
   sampling = res['sampling_images_per_s']
-  for name, (sampler, steps, spacing) in jax_side.SAMPLERS.items():
-    add(f'sampling images/s, {sampler} {steps} calls ({spacing})', sampling[f'jax {name}'],
+  for name, (sampler, steps, spacing, process) in jax_side.SAMPLERS.items():
+    add(f'sampling images/s, {process} {sampler} {steps} calls ({spacing})',
+        sampling[f'jax {name}'],
         sampling.get(f'torch {name}'), '{:.3f}')
   if 'bf16' in res:
     for kind in ('train', 'forward'):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from diffusers import DPMSolverMultistepScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import UNet2DModel
 
 
@@ -99,8 +100,9 @@ class TorchBench:
 
     `name` 'ddim': DDIMScheduler, eta 0, `leading` spacing (ours `uniform`), x0 clipped to
     [-clip_x0, clip_x0]; 'dpm_solver++': DPMSolverMultistepScheduler, DPM-Solver++(2M),
-    `linspace` spacing, lower orders at the end. Both on this schedule's betas, under
-    `torch.inference_mode()`, one network call per step.
+    `linspace` spacing, lower orders at the end. Both on this schedule's betas; 'flow_euler':
+    FlowMatchEulerDiscreteScheduler (shift 1), the Euler step of a flow in t from 1 down, the
+    network read as the velocity. All under `torch.inference_mode()`, one network call per step.
     """
     abar = self.alphas_cumprod
     betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
@@ -111,8 +113,11 @@ class TorchBench:
     elif name == 'dpm_solver++':
       scheduler = DPMSolverMultistepScheduler(**common, algorithm_type='dpmsolver++',
                                               solver_order=2, timestep_spacing='linspace')
+    elif name == 'flow_euler':
+      scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=len(abar), shift=1.0)
     else:
-      raise ValueError(f'no diffusers loop for sampler {name!r}: ddim or dpm_solver++.')
+      raise ValueError(f'no diffusers loop for sampler {name!r}: ddim, dpm_solver++ or '
+                       'flow_euler.')
     generator = torch.Generator().manual_seed(0)
 
     def sample() -> np.ndarray:

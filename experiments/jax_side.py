@@ -15,9 +15,12 @@ import numpy as np
 from diffusion_jax import generation, parallel, summary, train
 from diffusion_jax import task as task_lib
 
-# Timed samplers: name -> (sampling.sampler, network calls, spacing), each against diffusers'
-# own loop (DDIMScheduler, DPMSolverMultistepScheduler 2M) with the same calls and spacing.
-SAMPLERS = {'ddim50': ('ddim', 50, 'uniform'), 'dpm_solver++20': ('dpm_solver++', 20, 'linspace')}
+# Timed samplers: name -> (sampling.sampler, network calls, spacing, diffusion.process), each
+# against diffusers' own loop (DDIMScheduler, DPMSolverMultistepScheduler 2M,
+# FlowMatchEulerDiscreteScheduler) with the same calls and spacing, on the same network.
+SAMPLERS = {'ddim50': ('ddim', 50, 'uniform', 'ddpm'),
+            'dpm_solver++20': ('dpm_solver++', 20, 'linspace', 'ddpm'),
+            'flow_euler20': ('euler', 20, 'uniform', 'flow')}
 
 class JaxBench:
   """Our train step, forward pass and samplers on one fixed global batch on the devices."""
@@ -51,11 +54,15 @@ class JaxBench:
     self.forward_flops = summary.compiled_flops(self.apply)
     self.num_params = summary.parameter_count(self.state.params)
     self.samplers = {}
-    for name, (sampler, steps, spacing) in (SAMPLERS.items() if samplers else ()):
+    for name, (sampler, steps, spacing, process) in (SAMPLERS.items() if samplers else ()):
       sampling_config = config.copy_and_resolve_references()
       sampling_config.sampling.spacing = spacing
-      generate = generation.make_generate_fn(sampling_config, task, mesh, sampler=sampler,
-                                             num_steps=steps)
+      sampling_config.diffusion.process = process
+      if process == 'flow':
+        sampling_config.diffusion.prediction_type = 'flow'
+      generate = generation.make_generate_fn(sampling_config,
+                                             task_lib.create_task(sampling_config), mesh,
+                                             sampler=sampler, num_steps=steps)
       self.samplers[name] = functools.partial(self.sample, generate)
 
   def step(self) -> None:

@@ -64,6 +64,7 @@ flags.DEFINE_list('guidance_scales', ['1', '2', '4'], 'Conditional runs: guidanc
 flags.DEFINE_string('guided_sampler', 'unipc-2', 'Conditional runs: sampler of the guidance rows.')
 flags.DEFINE_integer('guided_calls', 20, 'Conditional runs: network calls of the guidance rows.')
 flags.DEFINE_integer('seed', 0, 'Noise of the samples and the judge\'s draws.')
+flags.DEFINE_integer('reference_repeats', 1, 'Sample sets of the reference (1,000 calls each).')
 flags.DEFINE_integer('repeats', 1, 'Sample sets per cell (seeds seed, seed + 1, ...); the table '
                      'shows the mean ratio, results.json each one.')
 flags.DEFINE_bool('reference', True, 'Also sample the reference: DDPM over all T steps (ddpm '
@@ -88,14 +89,14 @@ def formulation(config) -> str:
   return f'{config.diffusion.process} {config.diffusion.prediction_type}'
 
 
-def scored(config, task, mesh, params, judge, name: str, calls: int | None,
+def scored(config, task, mesh, params, judge, name: str, calls: int | None, repeats: int,
            **settings) -> tuple[dict, np.ndarray]:
   """The row of one sampler setting (at most `calls` network calls; None: the sampler's own
-  count), over --repeats sample sets, and the first set."""
+  count), over `repeats` sample sets, and the first set."""
   if calls is not None:
     settings['num_steps'] = step_tables.num_steps_for_calls(settings['sampler'], calls)
   ratios, first = [], None
-  for r in range(FLAGS.repeats):
+  for r in range(repeats):
     x, made, seconds = sample_set(config, task, mesh, params, judge.num_samples,
                                   FLAGS.seed + r, **settings)
     ratios.append(judge.score(x))
@@ -194,8 +195,8 @@ def study_run(workdir: str, mesh, judge_for) -> tuple[list[dict], dict]:
   rows, best = [], None
   for name in FLAGS.samplers:
     for c in (int(c) for c in FLAGS.calls):
-      row, x = scored(config, task, mesh, params, judge, name, c, spacing=FLAGS.spacing,
-                      **judge_lib.SAMPLERS[name])
+      row, x = scored(config, task, mesh, params, judge, name, c, FLAGS.repeats,
+                      spacing=FLAGS.spacing, **judge_lib.SAMPLERS[name])
       rows.append(row)
       if c == 20 and (best is None or row['ratio'] < best[0]):
         best = (row['ratio'], name, x)
@@ -203,7 +204,8 @@ def study_run(workdir: str, mesh, judge_for) -> tuple[list[dict], dict]:
     reference = (dict(sampler='ddpm') if task.process.discrete else
                  dict(sampler='euler_maruyama', num_steps=EM_REFERENCE_STEPS,
                       spacing=FLAGS.spacing))
-    rows.append(scored(config, task, mesh, params, judge, REFERENCE, None, **reference)[0])
+    rows.append(scored(config, task, mesh, params, judge, REFERENCE, None,
+                       FLAGS.reference_repeats, **reference)[0])
   return rows, dict(config=config, task=task, params=params, step=step, judge=judge, best=best)
 
 

@@ -40,7 +40,7 @@ def test_benchmark_writes_every_field(tmp_path):
   assert res['train_step_flops'] > 0 and res['train_images_per_s'] > 0
   assert res['peak_memory']['bytes'] > 0
   assert res['digits_first_step_s'] is None  # --nofirst_step
-  samplers = {'ddim50', 'dpm_solver++20'}
+  samplers = {'ddim50', 'dpm_solver++20', 'flow_euler20'}
   assert set(res['sampling_images_per_s']) >= {f'jax {name}' for name in samplers}
   assert all(v > 0 for v in res['sampling_images_per_s'].values())
   if HAVE_DIFFUSERS:
