@@ -73,15 +73,27 @@ flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
 
-def sample_set(config, task, mesh, params, n: int, seed: int, **settings):
-  """(samples [n, ...], network calls, seconds) with the sampling settings overridden."""
+def generator(config, task, mesh, n: int, **settings):
+  """generate(params, seed) -> (samples [n, ...], seconds), compiled once for these sampling
+  settings; its `num_calls` is the network calls per sample."""
   config = config.copy_and_resolve_references()
   config.sampling.update(settings)
   config.sampling.batch_size = parallel.round_up(n, mesh.size)
   generate = generation.make_generate_fn(config, task, mesh)
-  start = time.perf_counter()
-  x = generate(params, jax.random.PRNGKey(seed), n)
-  return x, generate.num_calls, time.perf_counter() - start
+
+  def run(params, seed: int):
+    start = time.perf_counter()
+    x = generate(params, jax.random.PRNGKey(seed), n)
+    return x, time.perf_counter() - start
+  run.num_calls = generate.num_calls
+  return run
+
+
+def sample_set(config, task, mesh, params, n: int, seed: int, **settings):
+  """(samples [n, ...], network calls, seconds) with the sampling settings overridden."""
+  run = generator(config, task, mesh, n, **settings)
+  x, seconds = run(params, seed)
+  return x, run.num_calls, seconds
 
 
 def formulation(config) -> str:
@@ -95,10 +107,10 @@ def scored(config, task, mesh, params, judge, name: str, calls: int | None, repe
   count), over `repeats` sample sets, and the first set."""
   if calls is not None:
     settings['num_steps'] = step_tables.num_steps_for_calls(settings['sampler'], calls)
-  ratios, first = [], None
+  run = generator(config, task, mesh, judge.num_samples, **settings)
+  made, ratios, first = run.num_calls, [], None
   for r in range(repeats):
-    x, made, seconds = sample_set(config, task, mesh, params, judge.num_samples,
-                                  FLAGS.seed + r, **settings)
+    x, seconds = run(params, FLAGS.seed + r)
     ratios.append(judge.score(x))
     first = x if first is None else first
   row = {'formulation': formulation(config), 'sampler': name,
