@@ -12,9 +12,13 @@ def get_config():
   config.diffusion.process = 'flow'
   config.diffusion.prediction_type = 'flow'
   config.training.time_sampling = 'logit_normal'
-  config.sampling.sampler = 'heun'
+  # From experiments/sampler_study.py (README, "Formulations"): DPM-Solver++(2M) reaches the
+  # data's own spread at 20 calls on this formulation (1.00 +- 0.05); Heun needs 49 (1.04).
+  config.sampling.sampler = 'dpm_solver++'
+  config.sampling.solver_order = 2
+  config.sampling.stochastic = False
   config.sampling.spacing = 'logsnr'
-  config.sampling.num_steps = 25  # 49 network calls
-  config.sampling.preview_sampler = 'heun'
-  config.sampling.preview_steps = 25
+  config.sampling.num_steps = 20
+  config.sampling.preview_sampler = 'dpm_solver++'
+  config.sampling.preview_steps = 20
   return config

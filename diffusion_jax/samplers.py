@@ -30,8 +30,7 @@ DenoiseFn = Callable[[Array, Array], Array]
 
 
 def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Array,
-                *, clip_x0: bool | float = True, return_trajectory: bool = False,
-                unroll: int | bool = 1):
+                *, clip_x0: bool | float = True, return_trajectory: bool = False):
   """Runs a reverse chain as one lax.scan.
 
   Args:
@@ -79,7 +78,7 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
   if steps.init_scale != 1.0:
     x_T = (x_T * steps.init_scale).astype(dtype)
   init = (x_T, x_T.astype(compute), jnp.zeros((k,) + x_T.shape, compute))
-  (x0, _, _), traj = jax.lax.scan(step, init, rows, unroll=unroll)
+  (x0, _, _), traj = jax.lax.scan(step, init, rows)
   if return_trajectory:
     return x0, jnp.concatenate([x_T[None], traj], axis=0)
   return x0

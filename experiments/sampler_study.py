@@ -157,9 +157,15 @@ def plot(path: str, rows: list[dict], title: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   several = len({r['formulation'] for r in rows}) > 1
   fig, ax = plt.subplots(figsize=(8, 5) if several else (6.5, 4.2))
+  samplers = list(dict.fromkeys(r['sampler'] for r in rows if r['sampler'] != REFERENCE))
+  forms = list(dict.fromkeys(r['formulation'] for r in rows))
   for name in dict.fromkeys(_label(r, several) for r in rows if r['sampler'] != REFERENCE):
-    pts = sorted((r['calls'], r['ratio']) for r in rows if _label(r, several) == name)
-    ax.plot(*zip(*pts), marker='o', label=name)
+    mine = [r for r in rows if _label(r, several) == name]
+    pts = sorted((r['calls'], r['ratio']) for r in mine)
+    # A colour per sampler, a line style per formulation.
+    ax.plot(*zip(*pts), marker='o', label=name,
+            color=f'C{samplers.index(mine[0]["sampler"]) % 10}',
+            ls=('-', '--', ':', '-.')[forms.index(mine[0]['formulation']) % 4])
   for r in rows:
     if r['sampler'] == REFERENCE:
       ax.axhline(r['ratio'], color='k', ls='--', lw=1,
