@@ -240,6 +240,10 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
     res['forward_images_per_s'] = rate(forward_times['jax'])
     res['sampling_images_per_s'] = {name: rate(t) for name, t in sample_times.items()}
     res['ddim50_images_per_s'] = res['sampling_images_per_s']['jax ddim50']
+    # What the sampling loop adds to the network: seconds per network call over a forward pass.
+    res['sampling_call_over_forward'] = {
+        name: median(sample_times[f'jax {name}']) / steps / median(forward_times['jax'])
+        for name, (_, steps, _, _) in jax_side.SAMPLERS.items()}
     res['train_flops_per_s'] = jb.train_flops / median(train_times['jax'])
     res['train_fraction_of_peak'] = res['train_flops_per_s'] / res['matmul_peak_flops']
     res['times_s'] = {'train': train_times, 'forward': forward_times, 'sampling': sample_times}
@@ -304,6 +308,8 @@ def format_table(res: dict) -> str:
     add(f'sampling images/s, {process} {sampler} {steps} calls ({spacing})',
         sampling[f'jax {name}'],
         sampling.get(f'torch {name}'), '{:.3f}')
+  add('sampling s per network call / forward s', ' / '.join(
+      f'{v:.2f} ({name})' for name, v in res['sampling_call_over_forward'].items()))
   if 'bf16' in res:
     for kind in ('train', 'forward'):
       add(f'bfloat16 {kind} images/s (torch: CPU autocast)', res['bf16'][f'jax {kind}'],

@@ -32,7 +32,8 @@ def test_benchmark_writes_every_field(tmp_path):
   res = json.loads(out.read_text())
   for key in ('params', 'train_step_flops', 'forward_flops', 'train_compile_s',
               'forward_compile_s', 'train_images_per_s', 'forward_images_per_s',
-              'ddim50_images_per_s', 'matmul_peak_flops', 'train_fraction_of_peak',
+              'ddim50_images_per_s', 'sampling_call_over_forward', 'matmul_peak_flops',
+              'train_fraction_of_peak',
               'peak_memory', 'pipeline_images_per_s', 'pipeline_over_consumption',
               'digits_first_step_s', 'environment', 'command', 'train_step_memory_bytes',
               'params_bytes', 'sampling_images_per_s', 'cpu'):
