@@ -203,7 +203,6 @@ def as_process(process_or_schedule) -> Process:
 def from_config(diffusion_config) -> Process:
   """The process of a config's `diffusion` group (process, schedule, sigma_min/max/data)."""
   name = diffusion_config.get('process', 'ddpm')
-  sigma_data = diffusion_config.get('sigma_data', 0.5)
   if name == 'ddpm':
     process = DDPM(schedules.from_config(diffusion_config))
   elif name == 'vp':
@@ -212,10 +211,11 @@ def from_config(diffusion_config) -> Process:
     process = Flow()
   elif name == 'edm':
     process = EDM(diffusion_config.get('sigma_min', 0.002),
-                  diffusion_config.get('sigma_max', 80.0), sigma_data)
+                  diffusion_config.get('sigma_max', 80.0))
   else:
     raise ValueError(f'diffusion.process={name!r} is unknown; choose one of {PROCESSES}.')
-  process.sigma_data = sigma_data
+  # sigma_data serves every process: the edm prediction type and weighting use it too.
+  process.sigma_data = diffusion_config.get('sigma_data', 0.5)
   return process
 
 

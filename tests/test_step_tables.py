@@ -308,8 +308,7 @@ def edm_reference(process, num_steps, spacing, churn=0.0, tmin=0.0, tmax=math.in
 
 def ours_edm(process, num_steps, spacing, key=1, **churn):
   with jax.enable_x64(True):
-    denoise = smooth_denoiser(process) if process is not DDPM else (
-        lambda x, t: data_prediction_jax(x, t))
+    denoise = smooth_denoiser(process) if process is not DDPM else data_prediction_jax
     sampler = 'edm' if churn else 'heun'
     return np.asarray(samplers.sample(denoise, process, jnp.asarray(X_T),
                                       jax.random.PRNGKey(key), sampler=sampler,
