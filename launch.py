@@ -14,6 +14,7 @@ if __name__ == '__main__':
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import os
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -61,10 +62,52 @@ def initialize_distributed() -> None:
 
 
 class _QuietLibraries(logging.logging.Filter):
-  """Drops the INFO chatter of Orbax and TensorStore (every save logs dozens of lines)."""
+  """Drops the INFO chatter of Orbax and TensorStore (every save logs dozens of lines).
+
+  Without --traceback, the errors that Orbax's writer threads report are not shown, and those of
+  their asyncio tasks and of other background threads (one per pending write when a disk fills
+  up) become one line each, shown once: the failure they cause is named in one line by the code
+  that waits for the write (`checkpointing.save`, `wait_until_finished`).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.seen = set()
+
+  def first_time(self, line: str) -> bool:
+    if FLAGS.traceback or line not in self.seen:
+      self.seen.add(line)
+      return True
+    return False
 
   def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
+    library = '/orbax/' in record.pathname or record.name == 'asyncio'
+    if not library:
+      return True
+    if record.levelno < logging.logging.WARNING:
+      return record.name == 'asyncio'  # asyncio's debug notes only reach the log when asked
+    if FLAGS.traceback:
+      return True
+    if '/orbax/' in record.pathname:  # its errors reach the code that waits, which names them
+      return record.levelno < logging.logging.ERROR
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return self.first_time(record.getMessage().split('\n')[0][:120])
+
+  def install_thread_hooks(self) -> None:
+    """Exceptions a thread cannot deliver (sys.unraisablehook, threading.excepthook): one line
+    each, once, unless --traceback."""
+    if FLAGS.traceback:
+      return
+
+    def report(exc_type, exc_value):
+      text = str(exc_value).strip()
+      line = f'{exc_type.__name__}: {text.splitlines()[0] if text else ""}'
+      if self.first_time(line):
+        logging.warning('In a background thread: %s (repeats are not shown; --traceback shows '
+                        'every one with its traceback).', line)
+
+    sys.unraisablehook = lambda u: report(u.exc_type, u.exc_value)
+    threading.excepthook = lambda a: report(a.exc_type, a.exc_value)
 
 
 # Failures that name their cause and fix in their message (bad settings, data, files, storage,
@@ -86,7 +129,9 @@ def main(argv):
 
 def run(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet = _QuietLibraries()
+  logging.get_absl_handler().addFilter(quiet)
+  quiet.install_thread_hooks()
   enable_compilation_cache()
   config = FLAGS.config
   # Each mode's module is imported only when it runs, so that --help and flag errors are instant.

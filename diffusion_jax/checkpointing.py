@@ -4,7 +4,8 @@ Checkpoints live in `<workdir>/checkpoints/<step>`. A state is restored against 
 target (shapes, dtypes and the shardings of the *current* mesh), so a checkpoint written from
 4 devices, or from 2 processes, restores on 1 device, a Colab CPU included.
 
-A checkpoint that cannot be read (bit rot, a half-copied directory) is named in a warning and
+Each checkpoint's metadata also holds the run's config (`stored_config`), from which a lost
+config.json is rebuilt. A checkpoint that cannot be read (bit rot, a half-copied directory) is named in a warning and
 the one before it is tried (`restore_newest_readable`); training that resumes past it moves it
 aside to `<step>.unreadable` (never deleting it) so that the step can be written again. A
 checkpoint that reads but holds another state (written with other settings) is not skipped:
@@ -45,16 +46,37 @@ def create_manager(workdir: str, *, max_to_keep: int = 3,
                                item_handlers=ocp.PyTreeCheckpointHandler())
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, args=None) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, args=None, *,
+         config: Optional[dict] = None) -> None:
   """Starts an asynchronous save of `state` at `step`; training goes on while it writes.
 
-  A failure of this save or of the previous one (the disk filling up, a lost mount) raises
-  `OSError` in one line naming the directory and the checkpoints that are intact.
+  `config` (the run's config as a JSON-able dict) goes into the checkpoint's metadata, so that
+  the run's config.json can be rebuilt from any checkpoint (`stored_config`). A failure of this
+  save or of the previous one (the disk filling up, a lost mount) raises `OSError` in one line
+  naming the directory and the checkpoints that are intact.
   """
   # PyTree (not Standard) args, as the manager's handler is the PyTree one (partial restores and
   # item metadata need it); the files are those StandardSave writes.
   with _naming_failures(manager, step):
-    manager.save(step, args=args or ocp.args.PyTreeSave(state), force=True)
+    manager.save(step, args=args or ocp.args.PyTreeSave(state), force=True,
+                 custom_metadata={'config': config} if config is not None else None)
+
+
+def stored_config(workdir: str) -> Optional[tuple[int, dict]]:
+  """(step, config dict) from the newest checkpoint in `<workdir>/checkpoints` whose metadata
+  holds the run's config, or None when none does (or there are none)."""
+  manager = create_manager(workdir, read_only=True)
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        config = (manager.metadata(step).custom_metadata or {}).get('config')
+      except Exception:  # pylint: disable=broad-except  (an unreadable metadata file)
+        continue
+      if isinstance(config, dict):
+        return step, config
+    return None
+  finally:
+    manager.close()
 
 
 def wait_until_finished(manager: ocp.CheckpointManager) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from typing import Callable
 
 from absl import logging
@@ -75,11 +76,18 @@ def reference_statistics(config, workdir: str, features_fn) -> tuple:
   paths = [os.path.join(out_dir, name) for name in (REFERENCE_STATS, REFERENCE_FEATURES)]
   meta = _reference_meta(config)
   if all(os.path.exists(p) for p in paths + [meta_path]):
-    with open(meta_path) as f:
-      if json.load(f) == meta:
-        logging.info('Reference statistics from the cache in %s.', out_dir)
+    try:
+      with open(meta_path) as f:
+        same_data = json.load(f) == meta
+      if same_data:
         mu, sigma = feature_distances.load_statistics(paths[0])
-        return mu, sigma, np.load(paths[1]).astype(np.float64)
+        feats = np.load(paths[1]).astype(np.float64)
+        logging.info('Reference statistics from the cache in %s.', out_dir)
+        return mu, sigma, feats
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      logging.warning('The reference statistics cached in %s cannot be read (%s: %s); they are '
+                      'computed again and the cache is rewritten.', out_dir, type(e).__name__,
+                      str(e).splitlines()[0][:160] if str(e) else '')
   start = time.perf_counter()
   count = config.eval.num_reference
   feats = _gather(features_fn(input_pipeline.reference_images(config, count)), count)

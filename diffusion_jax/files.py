@@ -3,13 +3,17 @@
 `write_atomically` writes to a temporary name beside the target and renames it into place, so a
 reader (or a crash mid-write) never sees half a file and a failed write leaves the old file as it
 was. `move_aside` keeps an existing file under the first free numbered name instead of
-overwriting it (samples.npz -> samples.1.npz, ...).
+overwriting it (samples.npz -> samples.1.npz, ...). Line-per-record files (metrics.jsonl,
+config_history.jsonl) are appended with `append_line` and read with `read_jsonl`, which survive
+a last line cut short.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import socket
 from typing import Any, Callable
 
 
@@ -18,7 +22,8 @@ def check_writable(directory: str, setting: str = '--workdir') -> None:
   setting, the directory and the reason when it cannot be (cloud paths are not probed)."""
   if '://' in directory:
     return
-  probe = os.path.join(directory, '.write_probe')
+  # Named per process: two runs probing the same directory do not remove each other's probe.
+  probe = os.path.join(directory, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
   try:
     os.makedirs(directory, exist_ok=True)
     with open(probe, 'w') as f:
@@ -61,14 +66,48 @@ def write_json(path: str, value: Any) -> None:
   write_text(path, json.dumps(value, indent=2) + '\n')
 
 
-def move_aside(path: str) -> str | None:
-  """Renames an existing `path` to the first free name.1.ext, name.2.ext, ...; returns the new
-  name, or None when there was nothing to keep."""
+def move_aside(path: str, tag: str = '') -> str | None:
+  """Renames an existing `path` to the first free name.1.ext, name.2.ext, ... (with `tag`:
+  name.tag.ext, name.tag.1.ext, ...); returns the new name, or None when there was nothing to
+  keep."""
   if not os.path.exists(path):
     return None
   stem, ext = os.path.splitext(path)
-  i = 1
-  while os.path.exists(f'{stem}.{i}{ext}'):
-    i += 1
-  os.replace(path, f'{stem}.{i}{ext}')
-  return f'{stem}.{i}{ext}'
+  stem = f'{stem}.{tag}' if tag else stem
+  candidates = itertools.chain([f'{stem}{ext}'] if tag else [],
+                               (f'{stem}.{i}{ext}' for i in itertools.count(1)))
+  new = next(c for c in candidates if not os.path.exists(c))
+  os.replace(path, new)
+  return new
+
+
+def append_line(path: str, line: str) -> None:
+  """Appends `line` and a newline to a line-per-record file. If the file's last line was cut
+  short (a crash mid-write), it is ended first, so the new record is never glued onto it."""
+  with open(path, 'a+b') as f:
+    if f.tell() > 0:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        f.write(b'\n')
+    f.write(line.encode() + b'\n')
+
+
+def read_jsonl(path: str) -> tuple[list, list]:
+  """(records, numbers of the lines that are not JSON objects) of a JSON-lines file; blank lines
+  are skipped. A missing file has neither."""
+  if not os.path.exists(path):
+    return [], []
+  records, bad = [], []
+  with open(path, 'rb') as f:
+    for number, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      try:
+        record = json.loads(raw)
+      except ValueError:
+        record = None
+      if isinstance(record, dict):
+        records.append(record)
+      else:
+        bad.append(number)
+  return records, bad

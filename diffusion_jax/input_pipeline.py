@@ -99,7 +99,7 @@ def tf_dataset(config, batch_size: int, *, splits: str, train: bool = True, star
   if config.data.source == 'tfds':
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder = sources.tfds_builder(config)
-    _check_tfds_features(config, builder.info.features)
+    sources.check_tfds_features(config, builder.info.features)
     # Each '+' part is split over hosts on its own, so every host gets its share of each.
     split = functools.reduce(operator.add, [
         tfds.split_for_jax_process(part, drop_remainder=True) for part in splits.split('+')])
@@ -135,22 +135,6 @@ def tf_dataset(config, batch_size: int, *, splits: str, train: bool = True, star
 
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-
-def _check_tfds_features(config, features) -> None:
-  """The TFDS data set's channels and label count against data.channels and data.num_classes."""
-  name = config.data.name
-  image = features['image'] if 'image' in features else None
-  stored = image.shape[-1] if image is not None and image.shape else None
-  if stored is not None and stored != config.data.channels:
-    raise ValueError(f'data.channels={config.data.channels} but TFDS {name!r} stores {stored}; '
-                     f'set --config.data.channels={stored}.')
-  if config.data.class_conditional and 'label' in features:
-    count = int(features['label'].num_classes)
-    if count > config.data.num_classes:
-      raise ValueError(f'TFDS {name!r} has {count} labels, more than data.num_classes='
-                       f'{config.data.num_classes}; set --config.data.num_classes={count} (or 0 '
-                       'to read it).')
 
 
 # --- global batches ------------------------------------------------------------------------------

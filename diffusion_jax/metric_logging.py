@@ -17,6 +17,8 @@ from typing import Callable
 from absl import logging
 import jax
 
+from diffusion_jax import files
+
 
 class LoggingWriter:
   """The writer interface (clu's MetricWriter subset we use), to the absl log."""
@@ -41,8 +43,8 @@ class JsonlWriter(LoggingWriter):
     self.path = path
 
   def write_scalars(self, step: int, scalars: dict) -> None:
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+    files.append_line(self.path, json.dumps({'step': int(step),
+                                             **{k: float(v) for k, v in scalars.items()}}))
 
 
 class MultiWriter(LoggingWriter):
@@ -67,12 +69,15 @@ class MultiWriter(LoggingWriter):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of `<workdir>/metrics.jsonl`, oldest first ([] if there is none)."""
+  """The records of `<workdir>/metrics.jsonl`, oldest first ([] if there is none); lines that
+  are not JSON records (one cut short by a crash) are named in a warning and skipped."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  records, bad = files.read_jsonl(path)
+  if bad:
+    logging.warning('%s: line(s) %s are not JSON records (cut short?) and are skipped; the '
+                    'other %d records are read.', path, ', '.join(map(str, bad[:10])),
+                    len(records))
+  return records
 
 
 class BackgroundWriter:

@@ -76,11 +76,32 @@ def snapshots(workdir: str, up_to: Optional[int] = None) -> list[tuple[int, dict
     out = []
     for step in sorted(manager.all_steps()):
       if up_to is None or step <= up_to:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        out.append((step, dict(meta['meta'])))
+        out.append((step, _read_meta(manager, step)))
     return out
   finally:
     manager.close()
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The `meta` of the snapshot at `step`; raises one line naming it and the fix when it cannot
+  be read or lacks what reconstruction needs (the snapshot itself is left as it is)."""
+  where = f'{manager.directory}/{step}'
+  try:
+    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                ['meta'])
+    problem = None
+    if not (isinstance(meta.get('gammas'), list) and meta['gammas']
+            and meta.get('dtype') in DTYPES):
+      problem = f'its meta holds {sorted(meta)} without usable gammas and dtype'
+  except Exception as e:  # pylint: disable=broad-except  (any failure to read it)
+    text = str(e).strip().splitlines()
+    problem = f'{type(e).__name__}: {text[0][:160] if text else ""}'
+  if problem:
+    raise RuntimeError(
+        f'the post-hoc EMA snapshot {where} cannot be read ({problem}); move it aside (mv '
+        f'{where} {where}.unreadable) to reconstruct from the other snapshots, or set '
+        '--config.sampling.ema_sigma_rel=0 to sample with the EMA of training.ema_decay.')
+  return meta
 
 
 def reconstruct(workdir: str, sigma_rel: float, abstract_params: Any,

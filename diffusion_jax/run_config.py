@@ -14,9 +14,10 @@ import sys
 from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
 
-from diffusion_jax import files
+from diffusion_jax import checkpointing, files
 
 CONFIG_JSON = 'config.json'
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -92,15 +93,14 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def load_config(workdir: str, config_file: str | None = None) -> ml_collections.ConfigDict:
-  """The run's config: `<workdir>/config.json` if it exists, else `config_file`.
+  """The run's config: `<workdir>/config.json` if it exists (`trained_config`), else
+  `config_file`.
 
   workdir may be a local path or a cloud path such as gs://bucket/run (read with etils.epath).
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top  (ships with orbax)
-  path = epath.Path(workdir) / CONFIG_JSON
-  if path.exists():
-    logging.info('Config from %s.', path)
-    return config_from_json(path.read_text())
+  config = trained_config(workdir)
+  if config is not None:
+    return config
   if not config_file:
     raise FileNotFoundError(f'No {CONFIG_JSON} in {workdir!r} (training writes it) and no config '
                             'file given; pass one such as configs/digits.py.')
@@ -149,10 +149,47 @@ def _refusal(what: str, workdir: str, diffs: dict, fix: str) -> ValueError:
 
 
 def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """`<workdir>/config.json` read back, or None when the run has none yet."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  """`<workdir>/config.json` read back, or None when the run has none yet.
+
+  A config.json that cannot be read (empty, cut short, not a JSON object) is rebuilt from the
+  copy of the config that every checkpoint carries (the newest one that has it), with a warning;
+  the unreadable file is kept as config.unreadable.json. Without such a copy (checkpoints
+  written before they carried one), one error names the file and the fix.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top  (ships with orbax)
   path = epath.Path(workdir) / CONFIG_JSON
-  return config_from_json(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  try:
+    text = path.read_text()
+    config = config_from_json(text)
+    logging.info('Config from %s.', path)
+    return config
+  except (ValueError, UnicodeDecodeError) as e:
+    return _rebuilt_config(workdir, str(path), e)
+
+
+def _rebuilt_config(workdir: str, path: str, error: Exception) -> ml_collections.ConfigDict:
+  why = f'{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ""}'
+  found = checkpointing.stored_config(workdir)
+  if found is None:
+    raise ValueError(
+        f'{path} cannot be read ({why}) and no checkpoint in '
+        f'{checkpointing.checkpoint_dir(workdir)} carries a copy of the config to rebuild it '
+        f'from. Put back a copy of the run\'s config.json, or move it aside (mv {path} '
+        f'{path}.unreadable) and give the config the run was trained with (--config=...): '
+        'the checkpoint then tells whether the network matches.') from None
+  step, values = found
+  config = config_from_json(json.dumps(values))
+  kept = ''
+  if '://' not in workdir and jax.process_index() == 0:
+    kept = files.move_aside(path, tag='unreadable')
+    files.write_text(path, config.to_json_best_effort(indent=2))
+  logging.warning('%s could not be read (%s); rebuilt it from the copy of the config in the '
+                  'checkpoint of step %d%s. Changes made when the run resumed are listed in %s.',
+                  path, why, step, f' (the unreadable file is kept as {kept})' if kept else '',
+                  HISTORY)
+  return config
 
 
 def for_sampling(config, workdir: str, overrides: dict) -> ml_collections.ConfigDict:
@@ -206,8 +243,7 @@ def record_config(config, workdir: str, *, resumed_at: int | None, changes: dict
     line = json.dumps({'resumed_at_step': resumed_at,
                        'changes': {k: {'was': a, 'now': b} for k, (a, b) in changes.items()}},
                       default=str)
-    with open(os.path.join(workdir, HISTORY), 'a') as f:
-      f.write(line + '\n')
+    files.append_line(os.path.join(workdir, HISTORY), line)
     logging.info('Resumed at step %d with changed settings (recorded in %s): %s', resumed_at,
                  HISTORY, ', '.join(f'{k}={b!r} (was {a!r})' for k, (a, b) in changes.items()))
 
@@ -218,10 +254,16 @@ def write_finished(workdir: str, step: int) -> None:
 
 
 def finished_step(workdir: str) -> int | None:
-  """The step of a run's completion record, or None if it has not finished."""
+  """The step of a run's completion record, or None if it has not finished. A record that cannot
+  be read is named in a warning and counts as unfinished: launching the run again finds its last
+  checkpoint, trains nothing more if it is complete, and writes the record anew."""
   path = os.path.join(workdir, FINISHED_JSON)
+  if not os.path.exists(path):
+    return None
   try:
     with open(path) as f:
       return int(json.load(f)['step'])
-  except (OSError, ValueError, KeyError, TypeError):
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning('%s cannot be read (%s: %s); the run counts as unfinished until it is '
+                    'launched again, which rewrites it.', path, type(e).__name__, e)
     return None

@@ -69,25 +69,70 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
   return images, digits.target.astype(np.int32)
 
 
-def load_npz(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """`images` uint8 [N, H, W, C] and `labels` int32 [N] (None when absent) of an .npz."""
+def _unreadable_npz(path: str, error: Exception) -> ValueError:
+  return ValueError(f'data.path={path!r} cannot be read as an .npz ({type(error).__name__}: '
+                    f'{error}); is the file complete? Copy it again, or point '
+                    '--config.data.path at another.')
+
+
+def npz_layout(path: str) -> dict:
+  """{array name: (shape, dtype)} of an .npz, read from the arrays' headers (nothing decoded);
+  raises, naming data.path and the fix, when the file is missing or cannot be read, or when its
+  `images` and `labels` disagree: not one uint8 [N, H, W, C] array (images of mixed sizes are
+  stored as an object array), or a label count other than N."""
   if not path or not os.path.exists(path):
     raise FileNotFoundError(f'data.path={path!r} does not exist; point --config.data.path at an '
                             '.npz holding `images` (uint8 [N, H, W, C]).')
+  layout = {}
+  try:
+    with zipfile.ZipFile(path) as z:
+      for member in z.namelist():
+        if member.endswith('.npy'):
+          with z.open(member) as fp:
+            version = np.lib.format.read_magic(fp)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(fp)
+          layout[member[:-len('.npy')]] = (tuple(shape), np.dtype(dtype))
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+    raise _unreadable_npz(path, e) from None
+  if 'images' not in layout:
+    raise ValueError(f'data.path={path!r} has no `images` array (keys: {sorted(layout)}).')
+  shape, dtype = layout['images']
+  if dtype == object:
+    raise ValueError(f'data.path={path!r}: `images` is an array of {shape[0] if shape else 0} '
+                     'separate images (of mixed sizes, or stored as a list); store one uint8 '
+                     '[N, H, W, C] array of equal-sized images (resize them first, e.g. to '
+                     'data.image_size), or use data.source=folder.')
+  if dtype != np.uint8 or len(shape) != 4:
+    raise ValueError(f'data.path={path!r}: `images` must be uint8 [N, H, W, C], '
+                     f'got {dtype} {shape}.')
+  if 'labels' in layout:
+    label_shape = layout['labels'][0]
+    if label_shape != shape[:1]:
+      raise ValueError(f'data.path={path!r}: `labels` has shape {label_shape} but `images` holds '
+                       f'{shape[0]} images; an .npz needs one label per image ([N]). Write the '
+                       'two together again, or drop `labels` to train unconditionally.')
+  return layout
+
+
+def load_npz(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """`images` uint8 [N, H, W, C] and `labels` int32 [N] (None when absent) of an .npz (checked
+  with `npz_layout` first)."""
+  npz_layout(path)
   try:
     with np.load(path) as f:
-      if 'images' not in f:
-        raise ValueError(f'data.path={path!r} has no `images` array (keys: {list(f.keys())}).')
       images = f['images']
       labels = f['labels'].astype(np.int32) if 'labels' in f else None
   except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-    raise ValueError(f'data.path={path!r} cannot be read as an .npz ({type(e).__name__}: {e}); '
-                     'is the file complete? Copy it again, or point --config.data.path at '
-                     'another.') from None
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError(f'data.path={path!r}: `images` must be uint8 [N, H, W, C], '
-                     f'got {images.dtype} {images.shape}.')
+    raise _unreadable_npz(path, e) from None
   return images, labels
+
+
+def _check_channels(config, found: int) -> None:
+  if found != config.data.channels:
+    raise ValueError(f'data.channels={config.data.channels} but the {config.data.source} images '
+                     f'have {found}; set --config.data.channels={found}.')
 
 
 def load_in_memory(config) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -99,9 +144,7 @@ def load_in_memory(config) -> tuple[np.ndarray, Optional[np.ndarray]]:
   if source == 'toy2d':
     return toy_points(config.data.name, config.data.num_points, config.training.seed), None
   images, labels = digits_images() if source == 'digits' else load_npz(config.data.path)
-  if images.shape[-1] != config.data.channels:
-    raise ValueError(f'data.channels={config.data.channels} but the {source} images have '
-                     f'{images.shape[-1]}; set --config.data.channels={images.shape[-1]}.')
+  _check_channels(config, images.shape[-1])
   size = config.data.image_size
   if images.shape[1:3] != (size, size):
     images = np.stack([center_crop_resize(im, size) for im in images])
@@ -217,17 +260,72 @@ def readable_images(tf, files: list, labels: list, channels: int) -> tuple[list,
 
 
 def folder_files(path: str) -> tuple[list, list, int]:
+  """(image files, their labels, class count) of a folder: flat (label 0, no classes), or one
+  subfolder per class (labels by sorted subfolder name). Hidden entries are ignored; images
+  beside class subfolders would have no class, and are refused by name."""
   if not path or not os.path.isdir(path):
     raise FileNotFoundError(f'data.path={path!r} is not a folder of images; point '
                             '--config.data.path at one (flat, or one subfolder per class).')
-  classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+  entries = sorted(n for n in os.listdir(path) if not n.startswith('.'))
+  classes = [d for d in entries if os.path.isdir(os.path.join(path, d))]
+  loose = [n for n in entries if n.lower().endswith(IMAGE_EXTENSIONS)
+           and os.path.isfile(os.path.join(path, n))]
+  if classes and loose:
+    raise ValueError(f'data.path={path!r} has {len(classes)} class subfolders and also '
+                     f'{len(loose)} images outside them (e.g. {loose[0]!r}), which would have no '
+                     'class; move those into a subfolder, or keep only the images (a flat '
+                     'folder) for unconditional training.')
   files, labels = [], []
   for label, folder in enumerate(classes or ['']):
     root = os.path.join(path, folder)
     for name in sorted(os.listdir(root)):
-      if name.lower().endswith(IMAGE_EXTENSIONS):
+      if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.'):
         files.append(os.path.join(root, name))
         labels.append(label)
   if not files:
     raise FileNotFoundError(f'data.path={path!r} holds no images ({IMAGE_EXTENSIONS}).')
   return files, labels, len(classes)
+
+
+def check_tfds_features(config, features) -> None:
+  """A TFDS data set's features against the config: an `image` feature with data.channels
+  channels, and when data.class_conditional a `label` feature of at most data.num_classes."""
+  name = config.data.name
+  if 'image' not in features:
+    raise ValueError(f'data.name={name!r} has no `image` feature (it has {sorted(features)}); '
+                     'choose an image data set, or convert it to a folder or .npz '
+                     '(--config.data.source=folder|npz).')
+  image = features['image']
+  stored = image.shape[-1] if image.shape else None
+  if stored is not None and stored != config.data.channels:
+    raise ValueError(f'data.channels={config.data.channels} but TFDS {name!r} stores {stored}; '
+                     f'set --config.data.channels={stored}.')
+  if config.data.class_conditional:
+    if 'label' not in features:
+      raise ValueError(f'data.class_conditional=True but data.name={name!r} has no `label` '
+                       f'feature (it has {sorted(features)}); train without '
+                       '--config.data.class_conditional.')
+    count = int(features['label'].num_classes)
+    if config.data.num_classes and count > config.data.num_classes:  # 0: read from here
+      raise ValueError(f'TFDS {name!r} has {count} labels, more than data.num_classes='
+                       f'{config.data.num_classes}; set --config.data.num_classes={count} (or 0 '
+                       'to read it).')
+
+
+def check(config) -> None:
+  """The start-up check of the configured data, without decoding images: an .npz's arrays
+  (their headers; its labels when used), a folder's layout, a TFDS data set's features. Raises one line naming data.path /
+  data.name and what disagrees, before a run writes anything."""
+  data = config.data
+  if data.source == 'npz':
+    images = npz_layout(data.path)['images'][0]
+    _check_channels(config, images[-1])
+    if data.class_conditional:
+      with np.load(data.path) as f:
+        labels = f['labels'] if 'labels' in f else None
+      check_labels(labels, data.num_classes or (int(labels.max()) + 1 if labels is not None
+                                                else 0), f'data.source=npz ({data.path})')
+  elif data.source == 'folder':
+    folder_files(data.path)
+  elif data.source == 'tfds':
+    check_tfds_features(config, tfds_builder(config).info.features)

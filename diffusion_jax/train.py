@@ -15,7 +15,9 @@ index (dropout masks therefore do depend on the device count).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
+import json
 import os
 
 from absl import logging
@@ -26,7 +28,8 @@ import optax
 
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
                            input_pipeline, metric_logging, parallel, phema, posthoc_ema,
-                           processes, run_config, task as task_lib)
+                           processes, run_config, sources, task as task_lib,
+                           workdir_lock)
 from diffusion_jax.task import Task, TrainState
 
 
@@ -143,12 +146,37 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
 
   Writes metrics to stdout and TensorBoard, sample grids to `<workdir>/samples/`, checkpoints
   every training.checkpoint_every steps, at the end and on SIGTERM. A non-finite loss stops
-  training before anything non-finite is saved.
+  training before anything non-finite is saved. The run holds the workdir throughout
+  (`workdir_lock`): a second training run into it stops before writing anything.
   """
   mesh = parallel.create_mesh()
   config_checks.validate(config, mesh.size)
-  tc = config.training
   files.check_writable(workdir)
+  with _holding(workdir):
+    sources.check(config)
+    return _train(config, workdir, mesh, writer)
+
+
+@contextlib.contextmanager
+def _holding(workdir: str):
+  """Process 0 holds the workdir's lock for every process; all of them stop if it cannot."""
+  with contextlib.ExitStack() as stack:
+    busy = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lock.hold(workdir))
+      except workdir_lock.WorkdirBusy as e:
+        busy = e
+    if jax.process_count() > 1 and _any_process(busy is not None) and busy is None:
+      raise workdir_lock.WorkdirBusy(f'--workdir={workdir} is being trained by another run '
+                                     '(process 0 names it).')
+    if busy is not None:
+      raise busy
+    yield
+
+
+def _train(config, workdir: str, mesh, writer) -> TrainState:
+  tc = config.training
   task = task_lib.create_task(config)
   if config.data.class_conditional and not config.data.num_classes:
     # Recorded as read from the data, so that sampling needs no access to them.
@@ -183,6 +211,7 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
       num_steps=config.sampling.preview_steps)
   progress = metric_logging.Progress(tc.num_steps, start=step, items_per_step=tc.batch_size)
   snapshots = _snapshot_manager(config, workdir, state) if tc.phema_sigma_rels else None
+  config_record = json.loads(config.to_json_best_effort())  # a copy in every checkpoint
   k = tc.steps_per_call
   pending = []  # device-side metrics since the last log: no host sync per step
 
@@ -231,7 +260,7 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
                                   phema.PowerEMA.trees(state.phema_params, state.params),
                                   tc.phema_sigma_rels, tc.phema_dtype)
       if _crossed(step, k, tc.checkpoint_every) or last or stop:
-        checkpointing.save(manager, step, state)
+        checkpointing.save(manager, step, state, config=config_record)
       if stop:
         logging.info('Preempted: saved step %d, exiting.', step)
         break

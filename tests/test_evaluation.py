@@ -91,3 +91,30 @@ def test_grayscale_goes_through_uint8_to_rgb():
   assert y.shape == (2, 4, 4, 3) and y.dtype == np.float32
   np.testing.assert_array_equal(y[..., 0], y[..., 2])
   np.testing.assert_allclose((y + 1) * 127.5, np.round((y + 1) * 127.5), atol=1e-4)
+
+
+def test_an_unreadable_reference_cache_is_computed_again(trained, tmp_path, caplog):
+  """The cache in eval/ is derived data: a cut-short or garbled file is named and rebuilt."""
+  config, _ = trained
+  config = config.copy_and_resolve_references()
+  config.eval.num_reference = 8
+  features_fn = lambda chunks: np.concatenate(
+      [np.asarray(x, np.float64).reshape(len(x), -1)[:, :6] for x in chunks])
+  workdir = str(tmp_path)
+  first = evaluation.reference_statistics(config, workdir, features_fn)
+  names = (evaluation.REFERENCE_META, evaluation.REFERENCE_STATS, evaluation.REFERENCE_FEATURES)
+  for name in names:
+    path = os.path.join(workdir, 'eval', name)
+    with open(path, 'rb') as f:
+      whole = f.read()
+    with open(path, 'wb') as f:
+      f.write(whole[:len(whole) // 2])  # cut short
+    with caplog.at_level('WARNING'):
+      again = evaluation.reference_statistics(config, workdir, features_fn)
+    assert 'cannot be read' in caplog.text and 'computed again' in caplog.text, name
+    caplog.clear()
+    for a, b in zip(first, again):
+      np.testing.assert_array_equal(a, b)
+  with caplog.at_level('INFO'):
+    evaluation.reference_statistics(config, workdir, features_fn)
+  assert 'from the cache' in caplog.text  # rewritten whole

@@ -187,3 +187,21 @@ def test_tfds_channels_and_label_count_are_checked(tmp_path, monkeypatch):
       input_pipeline.tf_dataset(config, 4, splits='train')
     config.data.num_classes = 0
     assert input_pipeline.data_info(config).num_classes == 102  # from the TFDS metadata
+
+
+def test_tfds_features_the_config_needs_are_checked_at_start_up(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
+  config = tiny_image_config('tfds', image_size=8, channels=3)
+  config.data.data_dir = str(tmp_path / 'tfds')
+  with tfds.testing.mock_data(num_examples=4):
+    config.data.name = 'imdb_reviews'  # text: no image
+    with pytest.raises(ValueError, match=r"data.name='imdb_reviews' has no `image` feature "
+                       r"\(it has \['label', 'text'\]\)"):
+      sources.check(config)
+    config.data.name = 'celeb_a'  # images with attributes, no class label
+    sources.check(config)
+    config.data.class_conditional, config.data.num_classes = True, 2
+    with pytest.raises(ValueError, match=r"class_conditional=True but data.name='celeb_a' has "
+                       r"no `label` feature"):
+      sources.check(config)

@@ -1,7 +1,9 @@
 """Post-hoc EMA in training: the averages in the train step, their snapshots, resuming, and the
 reconstruction on another topology; sampling uses it with sampling.ema_sigma_rel."""
 
+import glob
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -134,6 +136,22 @@ def test_without_snapshots_the_error_names_the_setting(tmp_path):
   with pytest.raises(FileNotFoundError, match='training.phema_sigma_rels'):
     sampling.sample(config, workdir)
   assert not os.path.exists(posthoc_ema.snapshot_dir(workdir))
+
+
+@pytest.mark.parametrize('damage', ['', '{"sigma_rels": [0.05'])
+def test_an_unreadable_snapshot_meta_is_named_with_the_fix(straight, tmp_path, damage):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(straight[0], workdir)
+  meta_files = [f for f in glob.glob(os.path.join(posthoc_ema.snapshot_dir(workdir), '4', 'meta',
+                                                  '**'), recursive=True) if os.path.isfile(f)]
+  assert meta_files
+  for f in meta_files:
+    with open(f, 'w') as out:
+      out.write(damage)
+  with pytest.raises(RuntimeError, match=r'snapshot .*phema/4 cannot be read.*mv .*phema/4 '
+                     r'.*phema/4.unreadable.*ema_sigma_rel=0'):
+    posthoc_ema.snapshots(workdir)
+  assert [s for s, _ in posthoc_ema.snapshots(workdir, up_to=2)] == [2]  # the others read
 
 
 def test_posthoc_ema_study_writes_table_plot_and_results(straight):

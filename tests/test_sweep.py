@@ -73,6 +73,21 @@ def test_final_metrics_take_the_last_train_record_and_eval_metrics():
   assert summary.final_metrics([]) == {}
 
 
+def test_the_summary_reads_around_unreadable_trial_records(tmp_path, capsys):
+  for index, name in enumerate(['a', 'b']):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / local.TRIAL_FILE, 'w') as f:
+      f.write('{"index": %d, "name": "%s", "overrides": {"training.seed": %d}}' % (index, name,
+                                                                                 index))
+    with open(tmp_path / name / 'metrics.jsonl', 'w') as f:
+      f.write('{"step": 2, "loss": 0.5}\n{"step": 4, "lo')  # the last record cut short
+  with open(tmp_path / 'b' / local.TRIAL_FILE, 'w') as f:
+    f.write('{"index": 1, "na')
+  rows = summary.summarize(str(tmp_path))
+  assert rows == [{'trial': 'a', 'training.seed': 0, 'step': 2, 'loss': 0.5}]
+  assert 'trial.json cannot be read' in capsys.readouterr().err
+
+
 def test_slurm_script_has_one_array_task_per_trial(tmp_path):
   root = str(tmp_path / 'sweep')
   out = cli('slurm', f'--sweep={TOY_SWEEP}', f'--root={root}', '--gpus_per_trial=2')

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Optional
 
-from diffusion_jax import run_config
+from diffusion_jax import files, run_config
 from experiments.sweeping.expansion import ROOT, Sweep, Trial, num_steps
 
 LAUNCH = os.path.join(ROOT, 'launch.py')
@@ -38,9 +38,9 @@ def _start(sweep: Sweep, trial: Trial, root: str, env: dict) -> Optional[subproc
     print(f'[{trial.index}] {trial.name}: finished (step {done}), skipped.', flush=True)
     return None
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, TRIAL_FILE), 'w') as f:
-    json.dump({'index': trial.index, 'name': trial.name, 'overrides': trial.overrides,
-               'config': sweep.config, 'sweep': sweep.path}, f, indent=2, default=str)
+  files.write_text(os.path.join(workdir, TRIAL_FILE), json.dumps(
+      {'index': trial.index, 'name': trial.name, 'overrides': trial.overrides,
+       'config': sweep.config, 'sweep': sweep.path}, indent=2, default=str))
   gpus = env.get('CUDA_VISIBLE_DEVICES')
   print(f'[{trial.index}] {trial.name}: training to step {steps}'
         + (f' on GPUs {gpus}' if gpus is not None else '') + f', log in {workdir}/launch.log',

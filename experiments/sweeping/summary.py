@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import sys
 from typing import Any
 
 from experiments.sweeping.local import TRIAL_FILE
@@ -31,8 +32,13 @@ def summarize(root: str) -> list[dict]:
   for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     path = os.path.join(root, name, TRIAL_FILE)
     if os.path.isfile(path):
-      with open(path) as f:
-        trials.append(json.load(f))
+      try:
+        with open(path) as f:
+          trials.append(dict(json.load(f)))
+      except (OSError, ValueError, TypeError) as e:
+        print(f'{path} cannot be read ({type(e).__name__}: {e}); that trial is left out of the '
+              'summary. Running the sweep again rewrites it (finished trials are not retrained).',
+              file=sys.stderr)
   trials.sort(key=lambda t: t['index'])
   # Imported here so that expand/slurm stay free of JAX.
   from diffusion_jax.metric_logging import read_metrics  # pylint: disable=g-import-not-at-top
