@@ -90,8 +90,10 @@ class _QuietLibraries(logging.logging.Filter):
       return True
     if '/orbax/' in record.pathname:  # its errors reach the code that waits, which names them
       return record.levelno < logging.logging.ERROR
+    line = record.getMessage().split('\n')[0]
+    record.msg, record.args = line, ()
     record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return self.first_time(record.getMessage().split('\n')[0][:120])
+    return self.first_time(line[:120])
 
   def install_thread_hooks(self) -> None:
     """Exceptions a thread cannot deliver (sys.unraisablehook, threading.excepthook): one line
