@@ -22,8 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = True  # random horizontal flip
   data.class_conditional = False  # feed labels to the model (classifier-free guidance)
   data.num_classes = 0  # number of labels when class_conditional (0: read from the source)
-  data.shuffle_buffer = 10_000  # tf.data shuffle buffer (in-memory sources shuffle fully)
   data.num_points = 100_000  # toy2d: size of the fixed point set
+  data.num_threads = 0  # threads reading batches ahead (0: one per CPU, at most 8)
+  data.num_workers = 0  # worker processes reading batches (0: the threads of this process)
   data.prefetch = 2  # batches prefetched to the devices
   data.check_images = True  # folder: decode every image once at start, skip (and name) bad ones
 

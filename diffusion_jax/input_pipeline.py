@@ -1,9 +1,13 @@
 """Training data: a source's examples -> this host's share -> batches -> global arrays on devices.
 
-Sources are read by `sources` (tfds, folder, npz, digits, toy2d). Images are flipped at random
-(`data.random_flip`) and scaled to [-1, 1]. The in-memory sources (npz, digits, toy2d) run on
-NumPy alone and their order is a pure function of (seed, step), so a resumed run sees exactly
-the batches an uninterrupted one would.
+Sources are read by `sources` (tfds, folder, npz, digits, toy2d) as random-access examples.
+Grain runs the pipeline: global batch `step` is a pure function of (seed, step) for every source
+(a fresh permutation each epoch, the remainder dropped, flips drawn from the same seed), each
+process reads only its block of it, and threads (`data.num_threads`) or worker processes
+(`data.num_workers`) read batches ahead. So a resumed run, after kill -9 or SIGTERM, on any
+number of processes or workers, sees exactly the batches an uninterrupted one would: the step
+alone says where to start. Images are flipped at random (`data.random_flip`) and scaled to
+[-1, 1].
 
 Every training batch is a dict {'x': float32 [B, ...], 'label': int32 [B]} of global jax.Arrays
 sharded on the batch dimension over the mesh axis 'data' (leading [k] axis added when several
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 import collections
 import functools
-import operator
+import os
 from typing import Iterator, NamedTuple, Optional
 
+from absl import flags
 from absl import logging
+import grain
 import jax
 import numpy as np
 
@@ -51,115 +57,70 @@ def data_info(config) -> DataInfo:
 
 # --- batches -------------------------------------------------------------------------------------
 
-def numpy_batches(x: np.ndarray, labels: Optional[np.ndarray], batch_size: int, *, seed: int,
-                  random_flip: bool, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
-  """Endless batches; global batch i (of `batch_size`) is a pure function of (seed, i).
+class StepBatch:
+  """Global batch `step` -> this process's block of it: {'x', 'label'} (a grain map).
 
-  Every process holds all of `x` and yields its contiguous block of `batch_size //
-  process_count` rows of each global batch, so the global batches, and hence the losses, are
-  the same however many processes share them. Each epoch is a fresh permutation; the remainder
-  of an epoch is dropped.
+  Every process computes the same global batch (epoch permutation from (seed, epoch), the
+  remainder of an epoch dropped, flips from (seed, epoch, offset)) and reads its contiguous
+  block of `batch_size // process_count` rows, so the global batches, and hence the losses, do
+  not depend on how many processes, threads or workers share them.
   """
-  n = len(x)
-  if n < batch_size:
-    raise ValueError(f'the data set has {n} examples, fewer than the global batch of '
-                     f'{batch_size}; lower training.batch_size.')
-  per_epoch = n // batch_size
-  local = batch_size // process_count
-  mine = slice(process_index * local, (process_index + 1) * local)
-  labels = np.zeros(n, np.int32) if labels is None else labels
-  step = start_step
-  while True:
-    epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    idx = order[offset * batch_size:(offset + 1) * batch_size][mine]
-    xb = x[idx]
+
+  def __init__(self, examples, batch_size: int, *, seed: int, random_flip: bool,
+               process_index: int = 0, process_count: int = 1):
+    n = len(examples)
+    if n < batch_size:
+      raise ValueError(f'the data set has {n} examples, fewer than the global batch of '
+                       f'{batch_size}; lower training.batch_size.')
+    self.examples, self.batch_size, self.seed = examples, batch_size, seed
+    self.random_flip, self.per_epoch = random_flip, n // batch_size
+    local = batch_size // process_count
+    self.mine = slice(process_index * local, (process_index + 1) * local)
+
+  @functools.lru_cache(maxsize=2)
+  def order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+  def __call__(self, step: int) -> dict:
+    epoch, offset = divmod(int(step), self.per_epoch)
+    b = self.batch_size
+    idx = self.order(epoch)[offset * b:(offset + 1) * b][self.mine]
+    xb, labels = self.examples.read(idx)
     if xb.dtype == np.uint8:
-      if random_flip:
-        flip = np.random.default_rng([seed, epoch, offset, 1]).random(batch_size)[mine] < 0.5
+      if self.random_flip:
+        flip = np.random.default_rng([self.seed, epoch, offset, 1]).random(b)[self.mine] < 0.5
         xb = np.where(flip[:, None, None, None], xb[:, :, ::-1], xb)
       xb = images.to_model_range(xb)
-    yield {'x': xb, 'label': labels[idx]}
-    step += 1
+    return {'x': xb, 'label': labels}
 
 
-def tf_dataset(config, batch_size: int, *, splits: str, train: bool = True, start_step: int = 0):
-  """A tf.data pipeline of this host's share: dict(image uint8/float, label) batches.
-
-  Training shuffles with a seed made of training.seed, the process and `start_step`, so a run
-  that resumes does not replay the order of its first start (the order is not the one an
-  uninterrupted run would have seen: only the in-memory sources give that).
-  """
-  tf = sources.import_tensorflow()
-  size, channels = config.data.image_size, config.data.channels
-  seed = int(np.random.default_rng([config.training.seed, jax.process_index(),
-                                    start_step]).integers(2 ** 31))
-  num_classes = config.data.num_classes if config.data.class_conditional else 0
-  if config.data.source == 'tfds':
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder = sources.tfds_builder(config)
-    sources.check_tfds_features(config, builder.info.features)
-    # Each '+' part is split over hosts on its own, so every host gets its share of each.
-    split = functools.reduce(operator.add, [
-        tfds.split_for_jax_process(part, drop_remainder=True) for part in splits.split('+')])
-    ds = builder.as_dataset(split=split, shuffle_files=train,
-                            read_config=tfds.ReadConfig(shuffle_seed=seed))
-    ds = ds.map(lambda ex: (ex['image'], tf.cast(ex.get('label', 0), tf.int32)),
-                num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    files, labels, found = sources.folder_files(config.data.path)
-    if num_classes and found > num_classes:
-      raise ValueError(f'data.path={config.data.path!r} has {found} class subfolders, more than '
-                       f'data.num_classes={num_classes}; set --config.data.num_classes={found} '
-                       '(or 0 to count them).')
-    n = len(files) // jax.process_count() * jax.process_count()
-    share = slice(jax.process_index(), n, jax.process_count())
-    files, labels = files[share], labels[share]
-    if config.data.check_images:
-      files, labels = sources.readable_images(tf, files, labels, channels)
-    ds = tf.data.Dataset.from_tensor_slices((files, labels))
-    ds = ds.map(lambda f, l: (tf.io.decode_image(tf.io.read_file(f), channels=channels,
-                                                 expand_animations=False), l),
-                num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda im, l: (sources.tf_center_crop_resize(tf, im, size), l),
-              num_parallel_calls=tf.data.AUTOTUNE).cache()
-  if train:
-    ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed)
-  flip = train and config.data.random_flip
-
-  def finish(image, label):
-    if flip:
-      image = tf.image.random_flip_left_right(image)
-    return {'x': tf.cast(image, tf.float32) / 127.5 - 1.0, 'label': label}
-
-  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+_ENDLESS = 1 << 40  # steps a training iterator can run to
 
 
-# --- global batches ------------------------------------------------------------------------------
+def read_ahead(dataset: grain.MapDataset, config) -> grain.IterDataset:
+  """`dataset` read in order, data.num_threads elements at a time (Pillow and NumPy work without
+  the GIL; 0: one thread per CPU, at most 8: more contend for the GIL), or by data.num_workers
+  worker processes when that is > 0."""
+  threads = config.data.num_threads or min(os.cpu_count() or 1, 8)
+  it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                 prefetch_buffer_size=2 * threads))
+  if config.data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags (from a notebook, a test)
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers,
+                                                     per_worker_buffer_size=2))
+  return it
+
 
 def host_batches(config, batch_size: int, *, start_step: int = 0) -> Iterator[dict]:
-  """Endless host-local training batches of `batch_size` from the configured source."""
-  source = config.data.source
-  if source not in sources.SOURCES:
-    raise ValueError(f'data.source={source!r} is unknown; choose one of {sources.SOURCES}.')
-  if source in ('tfds', 'folder'):
-    ds = tf_dataset(config, batch_size, splits=config.data.splits, train=True,
-                    start_step=start_step)
-    return ds.as_numpy_iterator()
-  # In-memory data are small: every process holds all of it and takes its block of each global
-  # batch. The block is process_index-th because the mesh orders devices as jax.devices() does,
-  # process by process, so that is the block make_array_from_process_local_data places here.
-  x, labels = sources.load_in_memory(config)
-  if config.data.class_conditional:
-    sources.check_labels(labels, config.data.num_classes or sources.num_classes_of(config),
-                         f'data.source={source}' + (f' ({config.data.path})'
-                                                    if source == 'npz' else ''))
-  return numpy_batches(x, labels, batch_size * jax.process_count(),
-                       seed=config.training.seed * 1000, random_flip=config.data.random_flip,
-                       start_step=start_step, process_index=jax.process_index(),
-                       process_count=jax.process_count())
+  """Endless host-local training batches of `batch_size` from the configured source, the first
+  being that of train step `start_step`."""
+  examples = sources.open_examples(config, config.data.splits)
+  step_batch = StepBatch(examples, batch_size * jax.process_count(),
+                         seed=config.training.seed * 1000, random_flip=config.data.random_flip,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+  steps = grain.MapDataset.range(start_step, start_step + _ENDLESS)
+  return iter(read_ahead(steps.map(step_batch), config))
 
 
 def abstract_batch(config, mesh) -> dict:
@@ -203,23 +164,6 @@ def create_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict]:
 
 # --- evaluation readers --------------------------------------------------------------------------
 
-def tf_images(config, splits: str, count: int, batch_size: int = 100) -> Iterator[np.ndarray]:
-  """The first `count` images of this host's share of a TFDS/folder source, in order:
-  float32 [n, S, S, C] in [-1, 1] chunks (with their labels)."""
-  ds = tf_dataset(config, batch_size, splits=splits, train=False)
-  seen = 0
-  for batch in ds.as_numpy_iterator():
-    take = min(len(batch['x']), count - seen)
-    yield batch['x'][:take], batch['label'][:take]
-    seen += take
-    if seen >= count:
-      return
-  if seen < count:
-    raise ValueError(f'the data set ({splits!r}) has only {seen} images on this host, fewer than '
-                     f'the {count} asked for; lower --config.eval.num_reference or '
-                     '--config.eval.bpd_num_examples.')
-
-
 def host_share_sizes(count: int) -> tuple[list, int]:
   """How `count` examples split over the processes: [examples of process p], and the padded
   length every process uses, so that they all run the same batches (collectives need it)."""
@@ -232,50 +176,55 @@ def _padded(x: np.ndarray, length: int) -> np.ndarray:
   return parallel.pad_rows(x, length)
 
 
+def _read_in_order(config, examples, indices: np.ndarray,
+                   chunk: int = 500) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(uint8 or float examples, labels) of `indices`, in order, in chunks read ahead."""
+  starts = list(range(0, len(indices), chunk))
+  read = lambda i: examples.read(indices[starts[i]:starts[i] + chunk])
+  yield from read_ahead(grain.MapDataset.range(len(starts)).map(read), config)
+
+
+def _host_indices(count: int, available: int, setting: str, source: str,
+                  last: bool = False) -> np.ndarray:
+  """This host's share (every process_count-th) of the first (or last) `count` of `available`
+  examples; raises, naming `setting`, when there are fewer."""
+  if available < count:
+    raise ValueError(f'{setting}={count} but the {source} data set has {available} images; set '
+                     f'--config.{setting}={available}.')
+  first = available - count if last else 0
+  return np.arange(first, first + count)[jax.process_index()::jax.process_count()]
+
+
 def reference_images(config, count: int) -> Iterator[np.ndarray]:
   """This host's share of the first `count` training images, float32 chunks in [-1, 1], padded
   with copies of its last image to `host_share_sizes(count)[1]` images (drop the padding after
   gathering: process p's real rows are its first `sizes[p]`)."""
-  sizes, length = host_share_sizes(count)
-  mine = sizes[jax.process_index()]
-  if config.data.source in ('tfds', 'folder'):
-    chunks = [x for x, _ in tf_images(config, config.data.splits, mine)]
-    for x in chunks[:-1]:
-      yield x
-    yield _padded(chunks[-1], len(chunks[-1]) + length - mine)
-    return
-  x, _ = sources.load_in_memory(config)
-  if len(x) < count:
-    raise ValueError(f'eval.num_reference={count} but the {config.data.source} data set has '
-                     f'{len(x)} images; set --config.eval.num_reference={len(x)}.')
-  x = _padded(x[:count][jax.process_index()::jax.process_count()], length)
-  for i in range(0, len(x), 500):
-    yield images.to_model_range(x[i:i + 500])
+  _, length = host_share_sizes(count)
+  examples = sources.open_examples(config, config.data.splits)
+  idx = _host_indices(count, len(examples), 'eval.num_reference', config.data.source)
+  chunks = [x for x, _ in _read_in_order(config, examples, idx)]
+  chunks[-1] = _padded(chunks[-1], len(chunks[-1]) + length - len(idx))
+  for x in chunks:
+    yield images.to_model_range(x)
 
 
 def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray, int]:
   """This host's share of `count` held-out images (float32 in [-1, 1]), their int32 labels, and
   how many are real: both padded to `host_share_sizes(count)[1]` rows.
 
-  TFDS: data.eval_splits. In-memory sources: the last `count` examples (trained on as well:
-  these sources have no held-out split). Folder: the first `count` images of data.path.
+  TFDS: the first `count` of data.eval_splits. In-memory sources: the last `count` examples
+  (trained on as well: these sources have no held-out split). Folder: the first `count` images
+  of data.path (trained on as well).
   """
   source = config.data.source
-  sizes, length = host_share_sizes(count)
-  mine = sizes[jax.process_index()]
-  if source in ('tfds', 'folder'):
-    if source == 'folder':
-      logging.info('data.source=folder has no held-out split: bits/dim uses the first %d images '
-                   'of data.path, which training saw.', count)
-    chunks = list(tf_images(config, config.data.eval_splits if source == 'tfds' else '', mine))
-    x = np.concatenate([c[0] for c in chunks])
-    labels = np.concatenate([c[1] for c in chunks]).astype(np.int32)
-  else:
-    x, labels = sources.load_in_memory(config)
-    if len(x) < count:
-      raise ValueError(f'eval.bpd_num_examples={count} but the {source} data set has {len(x)} '
-                       f'images; set --config.eval.bpd_num_examples={len(x)}.')
-    labels = np.zeros(len(x), np.int32) if labels is None else labels
-    share = slice(jax.process_index(), None, jax.process_count())
-    x, labels = images.to_model_range(x[-count:][share]), labels[-count:][share]
-  return _padded(x, length), _padded(labels, length), mine
+  _, length = host_share_sizes(count)
+  if source == 'folder':
+    logging.info('data.source=folder has no held-out split: bits/dim uses the first %d images '
+                 'of data.path, which training saw.', count)
+  examples = sources.open_examples(config, config.data.eval_splits)
+  idx = _host_indices(count, len(examples), 'eval.bpd_num_examples', source,
+                      last=source not in ('tfds', 'folder'))
+  chunks = list(_read_in_order(config, examples, idx))
+  x = images.to_model_range(np.concatenate([c[0] for c in chunks]))
+  labels = np.concatenate([c[1] for c in chunks]).astype(np.int32)
+  return _padded(x, length), _padded(labels, length), len(idx)

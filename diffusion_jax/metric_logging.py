@@ -16,12 +16,13 @@ from typing import Callable
 
 from absl import logging
 import jax
+import numpy as np
 
 from diffusion_jax import files
 
 
 class LoggingWriter:
-  """The writer interface (clu's MetricWriter subset we use), to the absl log."""
+  """The writer interface (write_scalars, write_images, flush, close), to the absl log."""
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
@@ -83,8 +84,8 @@ def read_metrics(workdir: str) -> list[dict]:
 class BackgroundWriter:
   """A writer built on a background thread once there is something to write.
 
-  clu's TensorBoard writer imports TensorFlow, which takes seconds of CPU: started at the first
-  write (after the first train step compiled, not during it), that import does not slow the
+  The TensorBoard writer's imports (tensorboardX, protobuf) take a second or more of CPU: started
+  at the first write (after the first train step compiled, not during it), they do not slow the
   compilation; writes made before the writer is ready are kept and replayed in order.
   """
 
@@ -122,24 +123,48 @@ class BackgroundWriter:
       self._replay().close()
 
 
+class TensorBoardWriter(LoggingWriter):
+  """Scalars and picture grids as TensorBoard event files, written by tensorboardX (no
+  TensorFlow needed)."""
+
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._writer = SummaryWriter(logdir, flush_secs=30)
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, float(value), int(step))
+
+  def write_images(self, step: int, images: dict) -> None:
+    """images: {name: [N, H, W, C] uint8, or float in [0, 1]}."""
+    for name, value in images.items():
+      self._writer.add_images(name, np.asarray(value), int(step), dataformats='NHWC')
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 def _tensorboard_writer(workdir: str):
   try:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:  # clu's TensorBoard writer needs TensorFlow and tensorboard
+    return TensorBoardWriter(workdir)
+  except ImportError as e:
     logging.warning('No TensorBoard logging (%s): metrics go to the log and metrics.jsonl. '
-                    '`pip install tensorflow-cpu tensorboard clu` enables it.', e)
-    return LoggingWriter()
-  return metric_writers.create_default_writer(workdir, asynchronous=True)
+                    '`pip install tensorboardX` enables it.', e)
+    return MultiWriter([])
 
 
 def create_writer(workdir: str):
-  """On process 0: metrics.jsonl plus TensorBoard and log (clu), or plus the log alone when
-  TensorFlow is absent. Elsewhere: the log only."""
+  """On process 0: the log, metrics.jsonl and TensorBoard event files (started in the
+  background, `BackgroundWriter`). Elsewhere: the log only."""
   if jax.process_index() > 0:
     return LoggingWriter()
   os.makedirs(workdir, exist_ok=True)
   jsonl = JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
-  return MultiWriter([jsonl, BackgroundWriter(lambda: _tensorboard_writer(workdir))])
+  return MultiWriter([LoggingWriter(), jsonl,
+                      BackgroundWriter(lambda: _tensorboard_writer(workdir))])
 
 
 class Progress:

@@ -69,7 +69,11 @@ def _merge(base: dict, override: dict) -> dict:
 
 def _migrate(values: dict) -> None:
   """Reads the config of a run written before diffusion.loss_weighting: there a positive
-  diffusion.min_snr_gamma alone turned Min-SNR weighting on, and 0 turned it off."""
+  diffusion.min_snr_gamma alone turned Min-SNR weighting on, and 0 turned it off. And before the
+  Grain pipeline, whose global shuffle left tf.data's data.shuffle_buffer without a use."""
+  data = values.get('data')
+  if isinstance(data, dict):
+    data.pop('shuffle_buffer', None)
   diff = values.get('diffusion')
   if isinstance(diff, dict) and 'loss_weighting' not in diff:
     if diff.get('min_snr_gamma'):

@@ -1,13 +1,17 @@
 """Where examples come from: each `data.source`, read into uint8 images (or 2-D points).
 
-  tfds    a TFDS data set by name (`tfds_builder`; needs TensorFlow)
-  folder  a folder of images, flat or with one subfolder per class (`folder_files`)
+  tfds    a prepared TFDS data set by name, read at random through `tfds.data_source`
+          (ArrayRecord files; no TensorFlow needed to read, only to prepare: `.[tfds]`)
+  folder  a folder of images, flat or with one subfolder per class (`folder_files`), decoded
+          with Pillow
   npz     an .npz with `images` uint8 [N, H, W, C] and optional `labels` [N]
   digits  scikit-learn's 8x8 digits (offline), uint8 = value * 255 / 16
   toy2d   scikit-learn's 2-D generators in their own coordinates (DESIGN.md)
-Images are center-cropped to a square and resized with antialiasing to `data.image_size`, the
-same way by NumPy/PIL (`center_crop_resize`) and by tf.data (`tf_center_crop_resize`).
-`input_pipeline` turns these into batches.
+
+`open_examples(config, splits)` gives any of them as random-access `Examples`: a length and
+`read(indices)` -> (uint8 [n, S, S, C] or float32 points [n, 2], int32 labels [n]). Images are
+center-cropped to a square and resized with antialiasing to `data.image_size`
+(`center_crop_resize`). `input_pipeline` turns these into batches.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import socket
-import zipfile
-import zlib
 from typing import Optional
 
 from absl import logging
 
 import numpy as np
 from PIL import Image
+
+from diffusion_jax.npz_files import load_npz, npz_layout  # pylint: disable=unused-import  (sources.load_npz)
 
 SOURCES = ('tfds', 'folder', 'npz', 'digits', 'toy2d')
 TOY_DATASETS = ('swiss_roll', 'moons', 's_curve')
@@ -69,66 +73,6 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
   return images, digits.target.astype(np.int32)
 
 
-def _unreadable_npz(path: str, error: Exception) -> ValueError:
-  return ValueError(f'data.path={path!r} cannot be read as an .npz ({type(error).__name__}: '
-                    f'{error}); is the file complete? Copy it again, or point '
-                    '--config.data.path at another.')
-
-
-def npz_layout(path: str) -> dict:
-  """{array name: (shape, dtype)} of an .npz, read from the arrays' headers (nothing decoded);
-  raises, naming data.path and the fix, when the file is missing or cannot be read, or when its
-  `images` and `labels` disagree: not one uint8 [N, H, W, C] array (images of mixed sizes are
-  stored as an object array), or a label count other than N."""
-  if not path or not os.path.exists(path):
-    raise FileNotFoundError(f'data.path={path!r} does not exist; point --config.data.path at an '
-                            '.npz holding `images` (uint8 [N, H, W, C]).')
-  layout = {}
-  try:
-    with zipfile.ZipFile(path) as z:
-      for member in z.namelist():
-        if member.endswith('.npy'):
-          with z.open(member) as fp:
-            version = np.lib.format.read_magic(fp)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read(fp)
-          layout[member[:-len('.npy')]] = (tuple(shape), np.dtype(dtype))
-  except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
-    raise _unreadable_npz(path, e) from None
-  if 'images' not in layout:
-    raise ValueError(f'data.path={path!r} has no `images` array (keys: {sorted(layout)}).')
-  shape, dtype = layout['images']
-  if dtype == object:
-    raise ValueError(f'data.path={path!r}: `images` is an array of {shape[0] if shape else 0} '
-                     'separate images (of mixed sizes, or stored as a list); store one uint8 '
-                     '[N, H, W, C] array of equal-sized images (resize them first, e.g. to '
-                     'data.image_size), or use data.source=folder.')
-  if dtype != np.uint8 or len(shape) != 4:
-    raise ValueError(f'data.path={path!r}: `images` must be uint8 [N, H, W, C], '
-                     f'got {dtype} {shape}.')
-  if 'labels' in layout:
-    label_shape = layout['labels'][0]
-    if label_shape != shape[:1]:
-      raise ValueError(f'data.path={path!r}: `labels` has shape {label_shape} but `images` holds '
-                       f'{shape[0]} images; an .npz needs one label per image ([N]). Write the '
-                       'two together again, or drop `labels` to train unconditionally.')
-  return layout
-
-
-def load_npz(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """`images` uint8 [N, H, W, C] and `labels` int32 [N] (None when absent) of an .npz (checked
-  with `npz_layout` first)."""
-  npz_layout(path)
-  try:
-    with np.load(path) as f:
-      images = f['images']
-      labels = f['labels'].astype(np.int32) if 'labels' in f else None
-  except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-    raise _unreadable_npz(path, e) from None
-  return images, labels
-
-
 def _check_channels(config, found: int) -> None:
   if found != config.data.channels:
     raise ValueError(f'data.channels={config.data.channels} but the {config.data.source} images '
@@ -151,7 +95,7 @@ def load_in_memory(config) -> tuple[np.ndarray, Optional[np.ndarray]]:
   return images, labels
 
 
-# --- tf.data sources -----------------------------------------------------------------------------
+# --- sources read on demand ---------------------------------------------------------------------
 
 def _network_reachable(host: str = 'storage.googleapis.com', timeout: float = 3.0) -> bool:
   """Whether TFDS's download host answers within `timeout` s (DNS included)."""
@@ -166,42 +110,149 @@ def _network_reachable(host: str = 'storage.googleapis.com', timeout: float = 3.
       return False
 
 
-def import_tensorflow():
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('data.source=tfds/folder needs TensorFlow (pip install tensorflow-cpu); '
-                      'without it use data.source=npz, digits or toy2d.') from e
-  tf.config.set_visible_devices([], 'GPU')  # TensorFlow must never take accelerator memory
-  return tf
+TFDS_EXTRA = 'pip install -e ".[tfds]"'  # TensorFlow, which TFDS needs to prepare a data set
 
 
 def tfds_builder(config):
   """The TFDS builder, prepared; fails at once, with the fix, when it cannot be."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(config.data.name, data_dir=config.data.data_dir or None)
+  name = config.data.name
+  builder = tfds.builder(name, data_dir=config.data.data_dir or None)
   if not builder.is_prepared():
-    fix = (f'Download it on a machine with network access (python -c "import tensorflow_datasets '
-           f"as tfds; tfds.builder('{config.data.name}').download_and_prepare()\"), copy "
-           f'~/tensorflow_datasets here and set --config.data.data_dir, or train from a folder '
-           f'or .npz (--config.data.source=folder|npz --config.data.path=...).')
+    fix = (f'Prepare it on a machine with network access ({TFDS_EXTRA}, then python -c "import '
+           f"tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare("
+           f"file_format='array_record')\"), copy ~/tensorflow_datasets here and set "
+           '--config.data.data_dir, or train from a folder or .npz '
+           '(--config.data.source=folder|npz --config.data.path=...).')
     if not config.data.download:
-      raise RuntimeError(f'TFDS data set {config.data.name!r} is not in '
-                         f'{builder.data_dir!r} and data.download=False. {fix}')
+      raise RuntimeError(f'TFDS data set {name!r} is not in {builder.data_dir!r} and '
+                         f'data.download=False. {fix}')
     if not _network_reachable():
-      raise RuntimeError(f'TFDS data set {config.data.name!r} is not in {builder.data_dir!r} '
-                         f'and this machine cannot reach the download servers. {fix}')
-    builder.download_and_prepare()
+      raise RuntimeError(f'TFDS data set {name!r} is not in {builder.data_dir!r} and this '
+                         f'machine cannot reach the download servers. {fix}')
+    try:
+      builder.download_and_prepare(file_format='array_record')
+    except ImportError as e:  # TFDS imports TensorFlow to download and convert
+      raise RuntimeError(f'TFDS data set {name!r} is not in {builder.data_dir!r}, and preparing '
+                         f'it needs TensorFlow ({e}): {TFDS_EXTRA} (reading a prepared data set '
+                         f'does not). {fix}') from None
   return builder
 
 
-def tf_center_crop_resize(tf, image, size: int):
-  """uint8 [H, W, C] -> uint8 [size, size, C], the same crop and resize as the NumPy path."""
-  shape = tf.shape(image)
-  s = tf.minimum(shape[0], shape[1])
-  image = tf.image.crop_to_bounding_box(image, (shape[0] - s) // 2, (shape[1] - s) // 2, s, s)
-  image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+def decode_image(path: str, channels: int) -> np.ndarray:
+  """uint8 [H, W, channels] of an image file (Pillow; grey, RGB or RGBA as asked)."""
+  with Image.open(path) as image:
+    image = image.convert({1: 'L', 3: 'RGB', 4: 'RGBA'}[channels])
+    x = np.asarray(image)
+  return x[..., None] if channels == 1 else x
+
+
+class InMemory:
+  """Examples held as arrays (npz, digits, toy2d): uint8 images or float32 points."""
+
+  def __init__(self, x: np.ndarray, labels: Optional[np.ndarray]):
+    self.x = x
+    self.labels = np.zeros(len(x), np.int32) if labels is None else labels
+
+  def __len__(self) -> int:
+    return len(self.x)
+
+  def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    return self.x[indices], self.labels[indices]
+
+
+class Folder:
+  """Image files decoded with Pillow and center-cropped and resized at each read."""
+
+  def __init__(self, files: list, labels: list, size: int, channels: int):
+    self.files, self.labels = files, np.asarray(labels, np.int32)
+    self.size, self.channels = size, channels
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    x = np.stack([center_crop_resize(decode_image(self.files[i], self.channels), self.size)
+                  for i in indices])
+    return x, self.labels[indices]
+
+
+class Tfds:
+  """A TFDS split expression read at random through `tfds.data_source` (ArrayRecord)."""
+
+  def __init__(self, config, splits: str):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds_builder(config)
+    check_tfds_features(config, builder.info.features)
+    try:
+      self.source = tfds.data_source(config.data.name, split=splits,
+                                     data_dir=config.data.data_dir or None, download=False)
+    except (NotImplementedError, ValueError) as e:
+      raise RuntimeError(
+          f'TFDS data set {config.data.name!r} in {builder.data_dir!r} cannot be read at random '
+          f'({str(e).splitlines()[0][:160]}); it must be prepared as ArrayRecord files: '
+          f'{TFDS_EXTRA}, then tfds.builder({config.data.name!r}).download_and_prepare('
+          "file_format='array_record') with another data_dir.") from None
+    self.has_labels = 'label' in builder.info.features
+    self.size, self.channels = config.data.image_size, config.data.channels
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    records = [self.source[int(i)] for i in indices]
+    x = np.stack([center_crop_resize(np.asarray(r['image']), self.size) for r in records])
+    labels = np.asarray([r['label'] if self.has_labels else 0 for r in records], np.int32)
+    return x, labels
+
+
+def readable_files(files: list, labels: list, channels: int) -> tuple[list, list]:
+  """The (files, labels) whose images Pillow decodes; each one it cannot is named in a warning
+  and skipped, so one bad file does not stop training midway without its name."""
+  def decodes(name):
+    try:
+      decode_image(name, channels)
+      return None
+    except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for a broken file
+      return f'{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}'
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # Pillow decodes without the GIL
+    problems = list(pool.map(decodes, files))
+  bad = [(name, why) for name, why in zip(files, problems) if why]
+  for name, why in bad:
+    logging.warning('Skipping %s: it cannot be decoded (%s).', name, why)
+  if bad:
+    logging.warning('Skipped %d of %d images that cannot be decoded (data.path).', len(bad),
+                    len(files))
+  if len(bad) == len(files):
+    raise ValueError(f'none of the {len(files)} images in data.path can be decoded.')
+  return ([f for f, why in zip(files, problems) if not why],
+          [l for l, why in zip(labels, problems) if not why])
+
+
+def open_examples(config, splits: str = ''):
+  """The configured source as random-access examples (`InMemory`, `Folder` or `Tfds`);
+  `splits` is the TFDS split expression (the other sources have one set of examples)."""
+  data = config.data
+  if data.source not in SOURCES:
+    raise ValueError(f'data.source={data.source!r} is unknown; choose one of {SOURCES}.')
+  if data.source == 'tfds':
+    return Tfds(config, splits or data.splits)
+  if data.source == 'folder':
+    files, labels, found = folder_files(data.path)
+    num_classes = data.num_classes if data.class_conditional else 0
+    if num_classes and found > num_classes:
+      raise ValueError(f'data.path={data.path!r} has {found} class subfolders, more than '
+                       f'data.num_classes={num_classes}; set --config.data.num_classes={found} '
+                       '(or 0 to count them).')
+    if data.check_images:
+      files, labels = readable_files(files, labels, data.channels)
+    return Folder(files, labels, data.image_size, data.channels)
+  x, labels = load_in_memory(config)
+  if data.class_conditional:
+    check_labels(labels, data.num_classes or num_classes_of(config),
+                 f'data.source={data.source}' + (f' ({data.path})' if data.source == 'npz'
+                                                 else ''))
+  return InMemory(x, labels)
 
 
 def check_labels(labels: Optional[np.ndarray], num_classes: int, where: str) -> None:
@@ -233,30 +284,6 @@ def num_classes_of(config) -> int:
     features = tfds_builder(config).info.features
     return int(features['label'].num_classes) if 'label' in features else 0
   return 0
-
-
-def readable_images(tf, files: list, labels: list, channels: int) -> tuple[list, list]:
-  """The (files, labels) whose images TensorFlow decodes; each one it cannot is named in a
-  warning and skipped, so one bad file does not stop training midway without its name."""
-  ds = tf.data.Dataset.from_tensor_slices(files).map(
-      lambda f: tf.shape(tf.io.decode_image(tf.io.read_file(f), channels=channels,
-                                            expand_animations=False))[0],
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  it, bad = iter(ds), []
-  for name in files:
-    try:
-      next(it)
-    except tf.errors.OpError as e:
-      bad.append(name)
-      logging.warning('Skipping %s: it cannot be decoded (%s).', name,
-                      (e.message or str(e)).strip().splitlines()[-1][:160])
-  if bad:
-    logging.warning('Skipped %d of %d images that cannot be decoded (data.path).', len(bad),
-                    len(files))
-  if len(bad) == len(files):
-    raise ValueError(f'none of the {len(files)} images in data.path can be decoded.')
-  keep = set(bad)
-  return ([f for f in files if f not in keep], [l for f, l in zip(files, labels) if f not in keep])
 
 
 def folder_files(path: str) -> tuple[list, list, int]:

@@ -1,6 +1,7 @@
 """Input pipeline: every source, preprocessing, sharding, determinism, the offline TFDS error."""
 
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -41,14 +42,6 @@ def test_center_crop_resize_matches_pil_reference():
   np.testing.assert_array_equal(out, want)
 
 
-def test_tf_preprocessing_agrees_with_numpy_path():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  image = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-  ours = sources.center_crop_resize(image, 16).astype(int)
-  tf_out = sources.tf_center_crop_resize(tf, tf.constant(image), 16).numpy().astype(int)
-  assert np.abs(ours - tf_out).mean() < 4.0  # both antialiased bilinear; kernels differ slightly
-
-
 @pytest.mark.parametrize('with_classes', [True, False])
 def test_folder_source(tmp_path, with_classes):
   rng = np.random.default_rng(3)
@@ -64,18 +57,51 @@ def test_folder_source(tmp_path, with_classes):
   assert labels <= ({0, 1} if with_classes else {0})
 
 
-def test_a_resumed_folder_run_does_not_replay_the_first_order(tmp_path):
-  rng = np.random.default_rng(4)
-  for i in range(32):
-    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
-  config = tiny_image_config('folder', image_size=8, channels=3)
-  config.data.path, config.data.shuffle_buffer = str(tmp_path), 32
+def host_batches(config, start_step, *, process_index=0, process_count=1, count=3):
+  """`count` batches of one process's share of a global batch of 8, from `start_step`."""
+  with mock.patch.object(jax, 'process_index', lambda: process_index), \
+       mock.patch.object(jax, 'process_count', lambda: process_count):
+    it = input_pipeline.host_batches(config, 8 // process_count, start_step=start_step)
+    return [next(it) for _ in range(count)]
 
-  def first(start_step):
-    ds = input_pipeline.tf_dataset(config, 8, splits='', start_step=start_step)
-    return next(ds.as_numpy_iterator())['x']
-  np.testing.assert_array_equal(first(0), first(0))  # a restart at the same step: same order
-  assert not np.array_equal(first(0), first(7))  # resumed at step 7: a fresh order
+
+def assert_resumes_exactly(config):
+  """Batches from step 3 are steps 3.. of an uninterrupted run (which crosses an epoch), for
+  one process or two (their halves), and whatever the threads and workers that read them."""
+  straight = host_batches(config, 0, count=7)
+  for threads, workers in ((1, 0), (4, 0)) + (((2, 2),) if config.data.num_workers else ()):
+    config.data.num_threads, config.data.num_workers = threads, workers
+    resumed = host_batches(config, 3, count=4)
+    for a, b in zip(straight[3:], resumed):
+      np.testing.assert_array_equal(a['x'], b['x'])
+      np.testing.assert_array_equal(a['label'], b['label'])
+  halves = [host_batches(config, 3, process_index=p, process_count=2, count=4) for p in (0, 1)]
+  for a, b0, b1 in zip(straight[3:], *halves):
+    np.testing.assert_array_equal(a['x'], np.concatenate([b0['x'], b1['x']]))
+  assert not np.array_equal(straight[0]['x'], straight[4]['x'])  # a new order each epoch
+
+
+def test_a_resumed_folder_run_sees_the_batches_of_an_uninterrupted_one(tmp_path):
+  rng = np.random.default_rng(4)
+  for i in range(34):  # 4 batches of 8 per epoch, 2 images dropped
+    folder = tmp_path / f'class_{i % 3}'
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+  config = tiny_image_config('folder', image_size=8, channels=3)
+  config.data.path = str(tmp_path)
+  config.data.num_workers = 2  # also read by two worker processes
+  assert_resumes_exactly(config)
+
+
+def test_a_resumed_tfds_run_sees_the_batches_of_an_uninterrupted_one(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
+  config = tiny_image_config('tfds', image_size=8, channels=3)
+  config.data.name = 'oxford_flowers102'
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.class_conditional, config.data.num_classes = True, 102
+  with tfds.testing.mock_data(num_examples=34):
+    assert_resumes_exactly(config)
 
 
 def test_labels_outside_the_classes_are_named(tmp_path):
@@ -135,14 +161,25 @@ def test_toy_data_in_their_own_coordinates(name):
   assert first_batch(config)['x'].shape == (64, 2)
 
 
-def test_in_memory_batches_are_a_function_of_seed_and_step():
-  x = np.arange(50, dtype=np.float32)[:, None]
-  fresh = input_pipeline.numpy_batches(x, None, 8, seed=3, random_flip=False)
-  batches = [next(fresh)['x'] for _ in range(9)]  # crosses an epoch boundary (6 per epoch)
-  resumed = input_pipeline.numpy_batches(x, None, 8, seed=3, random_flip=False, start_step=7)
-  np.testing.assert_array_equal(next(resumed)['x'], batches[7])
-  np.testing.assert_array_equal(next(resumed)['x'], batches[8])
-  assert len(np.unique(np.concatenate(batches[:6]))) == 48  # an epoch has no repeats
+def test_batches_are_the_documented_function_of_seed_and_step():
+  """Global batch `step`: epoch permutation rng([seed, epoch]), rows offset*B..(offset+1)*B of
+  it, flips from rng([seed, epoch, offset, 1]); the pipeline has given these batches since the
+  in-memory sources were written, so runs trained before Grain resume on the same data."""
+  x = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 1), dtype=np.uint8)
+  seed, b = 3, 8
+  step_batch = input_pipeline.StepBatch(sources.InMemory(x, None), b, seed=seed,
+                                        random_flip=True)
+  seen = []
+  for step in range(9):  # crosses an epoch boundary (6 batches per epoch, 2 examples dropped)
+    epoch, offset = divmod(step, 50 // b)
+    idx = np.random.default_rng([seed, epoch]).permutation(50)[offset * b:(offset + 1) * b]
+    flip = np.random.default_rng([seed, epoch, offset, 1]).random(b) < 0.5
+    want = np.where(flip[:, None, None, None], x[idx][:, :, ::-1], x[idx]) / 127.5 - 1.0
+    got = step_batch(step)
+    np.testing.assert_allclose(got['x'], want, rtol=0, atol=1e-6)
+    assert got['label'].tolist() == [0] * b
+    seen.append(idx)
+  assert len(np.unique(np.concatenate(seen[:6]))) == 48  # an epoch has no repeats
 
 
 def test_steps_per_call_stacks_batches():
@@ -180,11 +217,11 @@ def test_tfds_channels_and_label_count_are_checked(tmp_path, monkeypatch):
   config.data.data_dir = str(tmp_path / 'tfds')
   with tfds.testing.mock_data(num_examples=8):
     with pytest.raises(ValueError, match=r'data.channels=1 but TFDS .* stores 3'):
-      input_pipeline.tf_dataset(config, 4, splits='train')
+      sources.open_examples(config, 'train')
     config.data.channels = 3
     config.data.class_conditional, config.data.num_classes = True, 5
     with pytest.raises(ValueError, match='has 102 labels.*num_classes=102'):
-      input_pipeline.tf_dataset(config, 4, splits='train')
+      sources.open_examples(config, 'train')
     config.data.num_classes = 0
     assert input_pipeline.data_info(config).num_classes == 102  # from the TFDS metadata
 
@@ -205,3 +242,19 @@ def test_tfds_features_the_config_needs_are_checked_at_start_up(tmp_path, monkey
     with pytest.raises(ValueError, match=r"class_conditional=True but data.name='celeb_a' has "
                        r"no `label` feature"):
       sources.check(config)
+
+
+def test_preparing_tfds_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
+
+  def needs_tensorflow(self, **kwargs):
+    del self, kwargs
+    raise ModuleNotFoundError("No module named 'tensorflow'")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', needs_tensorflow)
+  config = tiny_image_config('tfds', channels=3)
+  config.data.name = 'oxford_flowers102'
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(RuntimeError, match=r'preparing it needs TensorFlow .*pip install -e '
+                     r'"\.\[tfds\]" \(reading a prepared data set does not\)'):
+    sources.check(config)

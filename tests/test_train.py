@@ -177,7 +177,6 @@ def test_one_step_on_mock_tfds_flowers(tmp_path, monkeypatch):
   config = tiny_image_config('tfds', image_size=8, channels=3)
   config.data.name = 'oxford_flowers102'
   config.data.data_dir = str(tmp_path / 'tfds')
-  config.data.shuffle_buffer = 16
   config.training.num_steps = 1
   config.training.log_every = 1
   config.training.checkpoint_every = 1
