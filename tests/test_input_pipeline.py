@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 from sklearn import datasets
+from tensorflow_datasets import testing as tfds_testing
 
 from diffusion_jax import input_pipeline, parallel, sources
 from tests.conftest import tiny_image_config, tiny_toy_config
@@ -57,6 +58,15 @@ def test_folder_source(tmp_path, with_classes):
   assert labels <= ({0, 1} if with_classes else {0})
 
 
+def mock_tfds_config(tmp_path, monkeypatch, channels=3):
+  """A tfds config of oxford_flowers102 in a fresh data_dir, for `tfds.testing.mock_data`."""
+  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
+  config = tiny_image_config('tfds', image_size=8, channels=channels)
+  config.data.name = 'oxford_flowers102'
+  config.data.data_dir = str(tmp_path / 'tfds')
+  return config
+
+
 def host_batches(config, start_step, *, process_index=0, process_count=1, count=3):
   """`count` batches of one process's share of a global batch of 8, from `start_step`."""
   with mock.patch.object(jax, 'process_index', lambda: process_index), \
@@ -94,13 +104,9 @@ def test_a_resumed_folder_run_sees_the_batches_of_an_uninterrupted_one(tmp_path)
 
 
 def test_a_resumed_tfds_run_sees_the_batches_of_an_uninterrupted_one(tmp_path, monkeypatch):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
-  config = tiny_image_config('tfds', image_size=8, channels=3)
-  config.data.name = 'oxford_flowers102'
-  config.data.data_dir = str(tmp_path / 'tfds')
+  config = mock_tfds_config(tmp_path, monkeypatch, channels=3)
   config.data.class_conditional, config.data.num_classes = True, 102
-  with tfds.testing.mock_data(num_examples=34):
+  with tfds_testing.mock_data(num_examples=34):
     assert_resumes_exactly(config)
 
 
@@ -210,12 +216,8 @@ def test_unknown_source_names_the_setting():
 
 
 def test_tfds_channels_and_label_count_are_checked(tmp_path, monkeypatch):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
-  config = tiny_image_config('tfds', image_size=8, channels=1)
-  config.data.name = 'oxford_flowers102'
-  config.data.data_dir = str(tmp_path / 'tfds')
-  with tfds.testing.mock_data(num_examples=8):
+  config = mock_tfds_config(tmp_path, monkeypatch, channels=1)
+  with tfds_testing.mock_data(num_examples=8):
     with pytest.raises(ValueError, match=r'data.channels=1 but TFDS .* stores 3'):
       sources.open_examples(config, 'train')
     config.data.channels = 3
@@ -227,11 +229,8 @@ def test_tfds_channels_and_label_count_are_checked(tmp_path, monkeypatch):
 
 
 def test_tfds_features_the_config_needs_are_checked_at_start_up(tmp_path, monkeypatch):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(sources, '_network_reachable', lambda *a, **k: True)
-  config = tiny_image_config('tfds', image_size=8, channels=3)
-  config.data.data_dir = str(tmp_path / 'tfds')
-  with tfds.testing.mock_data(num_examples=4):
+  config = mock_tfds_config(tmp_path, monkeypatch)
+  with tfds_testing.mock_data(num_examples=4):
     config.data.name = 'imdb_reviews'  # text: no image
     with pytest.raises(ValueError, match=r"data.name='imdb_reviews' has no `image` feature "
                        r"\(it has \['label', 'text'\]\)"):
