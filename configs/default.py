@@ -29,19 +29,25 @@ def get_config() -> ml_collections.ConfigDict:
   data.check_images = True  # folder: decode every image once at start, skip (and name) bad ones
 
   config.model = model = ml_collections.ConfigDict()
-  model.architecture = 'unet'  # unet | mlp
+  model.architecture = 'unet'  # unet | dit | mlp
   model.channels = 128  # base width of the U-Net
   model.channel_mult = (1, 2, 2, 2)  # width multiplier of each resolution level
   model.num_res_blocks = 2  # ResBlocks per down level (the up path has one more)
   model.attention_resolutions = (16,)  # feature-map sizes that get self-attention
-  model.num_heads = 1  # attention heads (DDPM: 1), used when head_dim is 0
+  model.num_heads = 1  # attention heads (U-Net, DDPM: 1, used when head_dim is 0; DiT)
   model.head_dim = 0  # fixed width per attention head (0: use num_heads)
   model.dropout = 0.1  # dropout inside ResBlocks
   model.scale_shift = False  # time embedding as GroupNorm scale/shift (ADM) instead of added
   model.num_groups = 32  # GroupNorm groups
   model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
-  model.hidden = 128  # mlp: width
-  model.num_layers = 4  # mlp: residual blocks
+  model.attention = 'auto'  # attention kernel: auto (cudnn on GPU, lean on CPU) | xla | cudnn | lean
+  model.hidden = 128  # mlp, dit: width
+  model.num_layers = 4  # mlp: residual blocks; dit: transformer blocks
+  model.preset = ''  # dit: S | B | L | XL sets hidden, num_layers, num_heads ('': those fields)
+  model.patch_size = 2  # dit: side of the square patches (tokens = (image_size / patch_size)^2)
+  model.mlp_ratio = 4.0  # dit: MLP width / hidden width
+  model.qk_norm = False  # dit: RMSNorm of each head's queries and keys
+  model.rope = False  # dit: 2-D rotary position embedding instead of the sin-cos table
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = 'ddpm'  # ddpm (discrete, T steps) | vp | flow | edm (continuous time)
@@ -114,6 +120,9 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.preview_samples = 16  # size of the grid written during training
   sampling.preview_sampler = 'ddim'  # sampler of that grid (with sampling.spacing, .solver_order)
   sampling.preview_steps = 25  # its network calls
+
+  config.parallel = parallel = ml_collections.ConfigDict()
+  parallel.fsdp = 1  # devices sharing (not replicating) the training state; must divide the count
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.num_samples = 10_000  # generated samples for FID/KID

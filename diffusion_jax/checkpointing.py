@@ -96,13 +96,15 @@ def _naming_failures(manager: ocp.CheckpointManager, step: Optional[int]):
                   'storage, then run the same command again to resume.') from e
 
 
-def abstract_like(state: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
+def abstract_like(state: Any, sharding: Any = None) -> Any:
   """The restore target: shape/dtype structs of `state` (arrays or ShapeDtypeStructs) with
-  `sharding`, or each leaf's own sharding when `sharding` is None."""
-  def leaf(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                sharding=sharding if sharding is not None else x.sharding)
-  return jax.tree.map(leaf, state)
+  `sharding` (one for every leaf, or a tree of them shaped like `state`), or each leaf's own
+  sharding when `sharding` is None."""
+  def leaf(x, s=None):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if s is not None else x.sharding)
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: leaf(x, sharding), state)
+  return jax.tree.map(leaf, state, sharding)
 
 
 def _existing_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
@@ -211,12 +213,14 @@ def move_aside(manager: ocp.CheckpointManager, steps: list) -> None:
   manager.reload()
 
 
-def restore_or_keep(manager: ocp.CheckpointManager, state: Any) -> Any:
+def restore_or_keep(manager: ocp.CheckpointManager, state: Any, restore_fn=None) -> Any:
   """Auto-resume: the newest readable checkpoint restored onto `state`'s layout, or `state`
-  itself when there is none; newer unreadable checkpoints are moved aside."""
+  itself when there is none; newer unreadable checkpoints are moved aside. `restore_fn` as in
+  `restore_newest_readable`."""
   if manager.latest_step() is None:
     return state
-  restored, _, unreadable = restore_newest_readable(manager, abstract_like(state))
+  restored, _, unreadable = restore_newest_readable(manager, abstract_like(state),
+                                                    restore_fn=restore_fn)
   if unreadable:
     move_aside(manager, unreadable)
   return restored
@@ -232,6 +236,14 @@ def _leaves_by_path(tree) -> dict:
     return str(key)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {'/'.join(name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict:
+  """{'/'-joined path ('params/conv/kernel'): shape} of the arrays saved at `step`, from the
+  checkpoint's metadata (nothing is read)."""
+  return {path: tuple(leaf.shape) for path, leaf in
+          _leaves_by_path(manager.item_metadata(step).tree).items()
+          if getattr(leaf, 'shape', None) is not None}
 
 
 def _check_layout(manager: ocp.CheckpointManager, step: int, target: dict) -> None:

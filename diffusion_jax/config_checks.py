@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import jax
+
 from diffusion_jax import (diffusion, models, phema, posthoc_ema, processes, schedules, sources,
                            step_tables, timesteps)
+from diffusion_jax.models import attention
 
 LR_SCHEDULES = ('constant', 'cosine')
 
@@ -119,8 +122,38 @@ def _validate_model(data, model) -> None:
     if any(w % model.num_groups for w in widths):
       raise ValueError(f'model.num_groups={model.num_groups} must divide every level width '
                        f'{widths}.')
+  elif model.architecture == 'dit':
+    _validate_dit(data, model)
   elif data.source != 'toy2d':
-    raise ValueError('model.architecture=mlp is for data.source=toy2d; use unet for images.')
+    raise ValueError('model.architecture=mlp is for data.source=toy2d; use unet or dit for '
+                     'images.')
+  _validate_attention(model)
+
+
+def _validate_dit(data, model) -> None:
+  if data.source == 'toy2d':
+    raise ValueError('data.source=toy2d needs model.architecture=mlp (the data are points).')
+  hidden, _, heads = models.dit_size(model)
+  p = model.patch_size
+  if p < 1 or data.image_size % p:
+    raise ValueError(f'model.patch_size={p} must divide data.image_size={data.image_size}.')
+  if hidden % heads:
+    raise ValueError(f'model.num_heads={heads} must divide the DiT width {hidden} '
+                     '(model.hidden, or the preset\'s).')
+  if model.rope and (hidden // heads) % 4:
+    raise ValueError(f'model.rope needs a head width (hidden / heads = {hidden // heads}) '
+                     'divisible by 4; change model.hidden or model.num_heads.')
+  if not model.rope and hidden % 4:
+    raise ValueError(f'the DiT width {hidden} must be a multiple of 4 for its 2-D sin-cos '
+                     'position table (or set model.rope=True).')
+
+
+def _validate_attention(model) -> None:
+  implementation = model.get('attention', 'auto')
+  _choice(implementation, attention.IMPLEMENTATIONS, 'model.attention')
+  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(f'model.attention=cudnn runs on NVIDIA GPUs only, not on '
+                     f'{jax.default_backend()}; use auto (it picks cuDNN where it can).')
 
 
 def _validate_posthoc_ema(train) -> None:

@@ -61,36 +61,32 @@ def one_minus_beta(gamma: float, step, dtype=jnp.float32) -> Any:
 class PowerEMA(NamedTuple):
   """Power-function averages of a parameter tree, one per gamma, as pure functions.
 
-  Each average is kept as one flat vector (the parameters' leaves raveled and concatenated, in
-  tree order): its update is one fused loop over all parameters, where a tree would take one
-  small kernel per leaf per average (on CPU that dispatch cost ~7% of a digits train step).
-  `trees` turns them back into parameter trees.
+  Each average is a tree shaped like the parameters, so it is laid out over devices as they are
+  (split over the mesh's 'fsdp' axis, `parallel.state_shardings`). Checkpoints written before
+  kept each average as one flat vector (`unflatten` reads them).
   """
   gammas: tuple
 
   def init(self, params) -> tuple:
-    """One flat copy of `params` per profile (the first update overwrites them: beta(1) = 0)."""
-    return tuple(_flat(params) for _ in self.gammas)
+    """One copy of `params` per profile (the first update overwrites them: beta(1) = 0)."""
+    return tuple(jax.tree.map(jnp.copy, params) for _ in self.gammas)
 
   def update(self, averages: tuple, params, step) -> tuple:
     """The averages after training step `step` (1-based), whose parameters are `params`."""
-    flat = _flat(params)
-    return tuple((a + one_minus_beta(g, step, a.dtype) * (flat.astype(a.dtype) - a)).astype(a.dtype)
-                 for a, g in zip(averages, self.gammas))
-
-  @staticmethod
-  def trees(averages: tuple, like) -> tuple:
-    """The flat averages as trees shaped like the parameter tree `like` (arrays or structs)."""
-    leaves, treedef = jax.tree.flatten(like)
-    bounds = np.cumsum([int(np.prod(x.shape)) for x in leaves])[:-1]
-    def tree(flat):
-      parts = jnp.split(flat, bounds) if len(leaves) > 1 else [flat]
-      return jax.tree.unflatten(treedef, [p.reshape(x.shape) for p, x in zip(parts, leaves)])
-    return tuple(tree(a) for a in averages)
+    def one(avg, gamma):
+      def leaf(a, p):
+        return (a + one_minus_beta(gamma, step, a.dtype) * (p.astype(a.dtype) - a)).astype(a.dtype)
+      return jax.tree.map(leaf, avg, params)
+    return tuple(one(a, g) for a, g in zip(averages, self.gammas))
 
 
-def _flat(params) -> jnp.ndarray:
-  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
+def unflatten(flat: jnp.ndarray, like) -> Any:
+  """A flat average (the parameters' leaves raveled and concatenated in tree order, the layout
+  of older checkpoints) as a tree shaped like the parameter tree `like` (arrays or structs)."""
+  leaves, treedef = jax.tree.flatten(like)
+  bounds = np.cumsum([int(np.prod(x.shape)) for x in leaves])[:-1]
+  parts = jnp.split(flat, bounds) if len(leaves) > 1 else [flat]
+  return jax.tree.unflatten(treedef, [p.reshape(x.shape) for p, x in zip(parts, leaves)])
 
 
 def power_ema(sigma_rels: Sequence[float]) -> PowerEMA:

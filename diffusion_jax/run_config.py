@@ -118,6 +118,9 @@ HISTORY = 'config_history.jsonl'  # changes made when a run resumed, one JSON ob
 FINISHED_JSON = 'finished.json'  # written when training reaches training.num_steps
 # What the trained network is: these may not change when a run resumes or is sampled.
 NETWORK_GROUPS = ('model', 'diffusion')
+# Fields of those groups that choose how the network is computed, not what it is (the attention
+# kernel): a run resumes or samples with another, e.g. on another kind of device.
+COMPUTE_FIELDS = ('model.attention',)
 NETWORK_DATA_FIELDS = ('source', 'name', 'image_size', 'channels', 'class_conditional',
                        'num_classes')
 
@@ -135,6 +138,8 @@ def _flat(config) -> dict:
 
 def is_network_field(key: str) -> bool:
   group, _, name = key.partition('.')
+  if key in COMPUTE_FIELDS:
+    return False
   return group in NETWORK_GROUPS or (group == 'data' and name in NETWORK_DATA_FIELDS)
 
 
@@ -213,6 +218,10 @@ def for_sampling(config, workdir: str, overrides: dict) -> ml_collections.Config
   merged = trained.copy_and_resolve_references()
   for group in ('sampling', 'eval'):
     merged[group] = config[group]
+  for key in COMPUTE_FIELDS:
+    if key in overrides:
+      group, _, name = key.partition('.')
+      merged[group][name] = config[group][name]
   for key, value in _flat(config).items():
     group, _, name = key.partition('.')
     if group == 'data' and not is_network_field(key) and name in merged.data:

@@ -11,7 +11,11 @@ import jax.numpy as jnp
 
 from diffusion_jax import config_checks, input_pipeline, parallel, train
 from diffusion_jax import task as task_lib
+from diffusion_jax.models.dit import DiTBlock
 from diffusion_jax.models.layers import AttentionBlock, ResBlock
+
+# The blocks whose outputs the summary lists.
+BLOCKS = (ResBlock, AttentionBlock, DiTBlock)
 
 
 def parameter_count(params) -> int:
@@ -19,7 +23,7 @@ def parameter_count(params) -> int:
 
 
 def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
-  """(module path, output shape) of every ResBlock and attention block, in call order."""
+  """(module path, output shape) of every block in `BLOCKS`, in call order."""
   info = task.info
   x = jax.ShapeDtypeStruct((batch,) + tuple(info.shape), jnp.float32)
   t = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -30,7 +34,7 @@ def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
     _, state = task.model.apply(
         {'params': params}, x, t, labels, train=False, mutable=['intermediates'],
         capture_intermediates=lambda mdl, name: (name == '__call__' and
-                                                 isinstance(mdl, (ResBlock, AttentionBlock))))
+                                                 isinstance(mdl, BLOCKS)))
     return state['intermediates']
 
   def walk(node, path):
@@ -41,12 +45,40 @@ def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
   return walk(jax.eval_shape(run, x, t, labels), [])
 
 
-def train_step_flops(config, task, mesh) -> float:
-  """XLA's FLOP count of one compiled train step on the global batch (all devices)."""
+def compiled_train_step(config, task, mesh):
+  """The train step compiled for the state and batches training would have on `mesh`."""
   state = task_lib.abstract_train_state(config, task, mesh)
   batch = input_pipeline.abstract_batch(config, mesh)
-  compiled = train.make_train_step(config, task, mesh).lower(state, batch).compile()
+  return train.make_train_step(config, task, mesh).lower(state, batch).compile()
+
+
+def train_step_flops(config, task, mesh, compiled=None) -> float:
+  """XLA's FLOP count of one compiled train step on the global batch (all devices)."""
+  compiled = compiled or compiled_train_step(config, task, mesh)
   return compiled_flops(compiled, mesh.size) / config.training.steps_per_call
+
+
+def train_step_memory(compiled) -> dict:
+  """XLA's memory analysis of a compiled train step, bytes per device: `state` (its
+  arguments: the state's shards and the batch's) and `temporaries`."""
+  stats = compiled.memory_analysis()
+  return {'state': int(stats.argument_size_in_bytes), 'temporaries': int(stats.temp_size_in_bytes)}
+
+
+def forward_flops(task) -> float:
+  """XLA's FLOP count of one network call on one image (from the lowered program, uncompiled);
+  papers that quote GFLOPs of a network (DiT) count multiply-adds, about half of it."""
+  info = task.info
+  x = jax.ShapeDtypeStruct((1,) + tuple(info.shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  labels = jax.ShapeDtypeStruct((1,), jnp.int32) if info.num_classes else None
+  params = jax.eval_shape(
+      lambda: task_lib.init_params(task.model, info, jax.random.PRNGKey(0)))
+  lowered = jax.jit(lambda p, x, t, y: task.model.apply({'params': p}, x, t, y)).lower(
+      params, x, t, labels)
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0))
 
 
 def compiled_flops(compiled, num_devices: int = 1) -> float:
@@ -58,21 +90,29 @@ def compiled_flops(compiled, num_devices: int = 1) -> float:
 
 def summarize(config) -> dict:
   """Prints and returns params, activation shapes and FLOPs per image of a train step."""
-  mesh = parallel.create_mesh()
+  mesh = parallel.create_mesh(fsdp=config.parallel.fsdp)
   config_checks.validate(config, mesh.size)
   task = task_lib.create_task(config)
   params = jax.eval_shape(
       lambda: task_lib.init_params(task.model, task.info, jax.random.PRNGKey(0)))
   n_params = parameter_count(params)
   shapes = activation_shapes(task)
-  flops = train_step_flops(config, task, mesh)
+  compiled = compiled_train_step(config, task, mesh)
+  flops = train_step_flops(config, task, mesh, compiled)
+  memory = train_step_memory(compiled)
   per_image = flops / config.training.batch_size
+  forward = forward_flops(task)
   print(f'model: {config.model.architecture}  data: {config.data.source} '
         f'{tuple(task.info.shape)}  classes: {task.info.num_classes}')
   print(f'params: {n_params}')
   print('activations (batch 1):')
   for name, shape in shapes:
     print(f'  {name:<24} {tuple(shape)}')
+  print(f'forward FLOPs per image: {forward:.4g} ({forward / 2e9:.3f} G multiply-adds)')
   print(f'train step FLOPs per image: {per_image:.4g} ({per_image / 1e9:.3f} GFLOP; '
         f'{flops / 1e9:.2f} GFLOP per global batch of {config.training.batch_size})')
-  return {'params': n_params, 'activations': shapes, 'flops_per_image': per_image}
+  print(f'train step memory per device ({mesh.size} devices, parallel.fsdp='
+        f'{mesh.shape[parallel.FSDP_AXIS]}): state and batch {memory["state"] / 2**20:.1f} MiB, '
+        f'temporaries {memory["temporaries"] / 2**20:.1f} MiB')
+  return {'params': n_params, 'activations': shapes, 'flops_per_image': per_image,
+          'forward_flops_per_image': forward, 'train_step_memory': memory}

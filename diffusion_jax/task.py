@@ -28,9 +28,9 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   ema_params: Any
   rng: jnp.ndarray  # uint32 [2]: the root key of all training noise
-  # Power-function averages of the parameters, one flat vector per training.phema_sigma_rels
-  # (post-hoc EMA; `phema.PowerEMA.trees` makes them trees); empty when that is off, which
-  # keeps the checkpoints of earlier versions restorable.
+  # Power-function averages of the parameters, one tree per training.phema_sigma_rels
+  # (post-hoc EMA); empty when that is off, which keeps the checkpoints of earlier versions
+  # restorable.
   phema_params: tuple = ()
 
 
@@ -118,17 +118,48 @@ def init_train_state(config, task: Task) -> TrainState:
 _INIT_COMPILER_OPTIONS = {'cpu': {'xla_backend_optimization_level': 0}}
 
 
+def state_shardings(config, task: Task, mesh) -> TrainState:
+  """Where each array of the TrainState lives on `mesh`: split over its 'fsdp' axis
+  (`parallel.state_shardings`), replicated over 'data'."""
+  return parallel.state_shardings(
+      mesh, jax.eval_shape(functools.partial(init_train_state, config, task)))
+
+
 def create_train_state(config, task: Task, mesh=None) -> TrainState:
-  """`init_train_state`, computed on the devices and replicated over `mesh` when one is given."""
-  out = parallel.replicated(mesh) if mesh is not None else None
+  """`init_train_state`, computed on the devices and laid out over `mesh` when one is given."""
+  out = state_shardings(config, task, mesh) if mesh is not None else None
   lowered = jax.jit(functools.partial(init_train_state, config, task), out_shardings=out).lower()
   return lowered.compile(_INIT_COMPILER_OPTIONS.get(jax.default_backend()))()
 
 
 def abstract_train_state(config, task: Task, mesh) -> TrainState:
-  """Shapes and shardings of the TrainState, without allocating it (for restores)."""
+  """Shapes and shardings of the TrainState on `mesh`, without allocating it (for restores)."""
   shapes = jax.eval_shape(functools.partial(init_train_state, config, task))
-  return checkpointing.abstract_like(shapes, parallel.replicated(mesh))
+  return checkpointing.abstract_like(shapes, parallel.state_shardings(mesh, shapes))
+
+
+def restore_train_state(manager, target: TrainState, step: int) -> TrainState:
+  """The TrainState saved at `step`, laid out like the abstract `target` (a `restore_fn` for
+  `checkpointing.restore_newest_readable`).
+
+  Checkpoints written before the post-hoc EMA averages were trees hold each as one flat vector
+  (`phema_params/<i>`); those are read as such and unflattened.
+  """
+  shapes = checkpointing.saved_shapes(manager, step)
+  flat = [shapes.get(f'phema_params/{i}') for i in range(len(target.phema_params))]
+  if not target.phema_params or any(s is None or len(s) != 1 for s in flat):
+    return checkpointing.restore(manager, target, step)
+  rest = target.replace(phema_params=())
+  first = jax.tree.leaves(target.phema_params)[0]
+  whole = jax.sharding.NamedSharding(first.sharding.mesh, jax.sharding.PartitionSpec())
+  vector = lambda shape: jax.ShapeDtypeStruct(shape, first.dtype, sharding=whole)
+  fields = checkpointing.restore_fields(
+      manager, {'phema_params': tuple(vector(s) for s in flat)}, step)
+  state = checkpointing.restore(manager, rest, step)
+  shardings = jax.tree.map(lambda x: x.sharding, target.params)
+  averages = tuple(jax.device_put(phema.unflatten(v, target.params), shardings)
+                   for v in fields['phema_params'])
+  return state.replace(phema_params=averages)
 
 
 def restore_ema_params(config, task: Task, mesh, workdir: str, step: int | None = None):

@@ -2,9 +2,9 @@
 
 Importable from a notebook: `train_step` and `train_and_evaluate` are plain functions of a config
 and of the `task.Task` built from it (`task.create_train_state` gives the initial state). The
-train step is written per device (the loss is the `lax.pmean` over 'data' of each device's mean,
-so the gradient of the replicated parameters is the global batch's) and mapped over every
-device with jit(shard_map).
+loss and its gradient are computed per device (`loss_and_grads` under shard_map: the loss is
+the pmean of each device's mean, so the gradient is the global batch's); the state, split over
+the mesh's 'fsdp' axis (`parallel`), is updated by the jitted global step.
 
 Random numbers: each example's time and noise come from the state key folded with the step
 and with the example's index in the global batch, so devices never share noise and the losses
@@ -19,15 +19,17 @@ import contextlib
 import functools
 import json
 import os
+from typing import Any
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
-                           input_pipeline, metric_logging, parallel, phema, posthoc_ema,
+                           input_pipeline, metric_logging, parallel, posthoc_ema,
                            processes, run_config, sources, task as task_lib,
                            workdir_lock)
 from diffusion_jax.task import Task, TrainState
@@ -47,19 +49,23 @@ def _example_keys(step_key: jnp.ndarray, local_batch: int) -> jnp.ndarray:
   return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(local_batch))
 
 
-def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[TrainState, dict]:
-  """One optimizer step, per device: the loss is the pmean over 'data' of this device's share.
+def loss_and_grads(params, rng: jnp.ndarray, step: jnp.ndarray, batch: dict, *, specs,
+                   task: Task, config) -> tuple[jnp.ndarray, Any]:
+  """Per device (inside shard_map): the global batch's mean loss and its gradient.
 
   Args:
+    params: this device's shards of the parameters.
+    rng, step: the state's root key and step.
     batch: {'x': float32 [b, ...] in [-1, 1] (points: [b, 2]), 'label': int32 [b]}, this
       device's share of the global batch.
+    specs: how the parameters are split (`parallel.state_specs`).
   Returns:
-    The new state (replicated) and metrics {loss, grad_norm, learning_rate} (global means).
+    The loss (pmean over every device) and the gradient, split like `params`.
   """
   tc, dc = config.training, config.diffusion
   x0 = batch['x']
   b = x0.shape[0]
-  step_key = jax.random.fold_in(state.rng, state.step)
+  step_key = jax.random.fold_in(rng, step)
   keys = _example_keys(step_key, b)
   index = parallel.device_index() * b + jnp.arange(b)
   t = processes.training_times(task.process, keys, index, tc.batch_size, **time_sampling(tc))
@@ -70,19 +76,42 @@ def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[T
     labels = jnp.where(drop < tc.label_dropout, task.info.num_classes, batch['label'])
   dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), parallel.device_index())
 
-  def loss_fn(params):
-    predict = lambda x_t, tt: task.model.apply({'params': params}, x_t, tt, labels, train=True,
+  def loss_fn(shards):
+    whole = parallel.gather(shards, specs)
+    predict = lambda x_t, tt: task.model.apply({'params': whole}, x_t, tt, labels, train=True,
                                                rngs={'dropout': dropout_key})
     per_example = diffusion.loss_per_example(
         predict, task.process, x0, t, noise, prediction_type=dc.prediction_type,
         loss_type=dc.loss, weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma,
         sigmoid_bias=dc.sigmoid_bias)
-    # The global batch's mean. Parameters are replicated (invariant over 'data'), so their
-    # gradient is already summed over devices: it is the global mean's gradient, the same on
-    # every device, with no further reduction.
-    return jax.lax.pmean(jnp.mean(per_example), parallel.AXIS)
+    # The global batch's mean. Parameters are the same on every device of 'data' (invariant
+    # over it), so their gradient comes back summed over those devices; the transpose of
+    # `gather` sums over 'fsdp' and keeps this device's shard: the global mean's gradient.
+    return jax.lax.pmean(jnp.mean(per_example), parallel.BATCH_AXES)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return jax.value_and_grad(loss_fn)(params)
+
+
+def train_step(state: TrainState, batch: dict, *, task: Task, config,
+               mesh) -> tuple[TrainState, dict]:
+  """One optimizer step on the global batch (a global function: call it under jit).
+
+  The loss and gradient are computed per device (`loss_and_grads` under shard_map: each
+  device its share of the batch, with whole parameters gathered from their shards); the
+  optimizer, EMA and post-hoc EMA updates then act on the global state, each device on its
+  shards.
+
+  Args:
+    batch: {'x': float32 [B, ...], 'label': int32 [B]}, the global batch sharded over devices.
+  Returns:
+    The new state and metrics {loss, grad_norm, learning_rate} (global means).
+  """
+  tc = config.training
+  specs = parallel.state_specs(mesh, state.params)
+  local = jax.shard_map(
+      functools.partial(loss_and_grads, specs=specs, task=task, config=config), mesh=mesh,
+      in_specs=(specs, P(), P(), parallel.batch_spec()), out_specs=(P(), specs))
+  loss, grads = local(state.params, state.rng, state.step, batch)
   updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = task_lib.update_ema(tc, state.ema_params, params, state.step)
@@ -94,20 +123,24 @@ def train_step(state: TrainState, batch: dict, *, task: Task, config) -> tuple[T
 
 
 def make_train_step(config, task: Task, mesh):
-  """The compiled data-parallel step: (state, global batch) -> (state, metrics).
+  """The compiled step: (state, global batch) -> (state, metrics), the state split over
+  `mesh` as `task.state_shardings` says and donated.
 
   With training.steps_per_call = k > 1 the batch carries a leading [k] axis and k steps run per
   call as an unrolled lax.scan (a rolled loop is slow on CPU); metrics are those of the last.
   """
-  step = functools.partial(train_step, task=task, config=config)
+  step = functools.partial(train_step, task=task, config=config, mesh=mesh)
   k = config.training.steps_per_call
   if k == 1:
-    return parallel.data_parallel(step, mesh)
-
-  def multi_step(state, batches):
-    state, metrics = jax.lax.scan(step, state, batches, unroll=True)
-    return state, jax.tree.map(lambda m: m[-1], metrics)
-  return parallel.data_parallel(multi_step, mesh, leading_axes=1)
+    fn = step
+  else:
+    def fn(state, batches):
+      state, metrics = jax.lax.scan(step, state, batches, unroll=True)
+      return state, jax.tree.map(lambda m: m[-1], metrics)
+  shardings = task_lib.state_shardings(config, task, mesh)
+  batch = parallel.batch_sharding(mesh, leading_axes=int(k > 1))
+  return jax.jit(fn, in_shardings=(shardings, batch),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 
 
 # --- the training loop ---------------------------------------------------------------------------
@@ -149,7 +182,7 @@ def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
   training before anything non-finite is saved. The run holds the workdir throughout
   (`workdir_lock`): a second training run into it stops before writing anything.
   """
-  mesh = parallel.create_mesh()
+  mesh = parallel.create_mesh(fsdp=config.parallel.fsdp)
   config_checks.validate(config, mesh.size)
   files.check_writable(workdir)
   with _holding(workdir):
@@ -189,7 +222,8 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
   compiling = (None if resuming and manager.latest_step() >= tc.num_steps
                else compile_in_background(config, task, mesh))
   writer = writer or metric_logging.create_writer(workdir)
-  state = checkpointing.restore_or_keep(manager, task_lib.create_train_state(config, task, mesh))
+  state = checkpointing.restore_or_keep(manager, task_lib.create_train_state(config, task, mesh),
+                                        restore_fn=task_lib.restore_train_state)
   step = int(state.step)
   if jax.process_index() == 0:
     run_config.record_config(config, workdir, resumed_at=step if resuming else None,
@@ -256,9 +290,8 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
         if pending:  # steps since the last log must be finite before they are saved
           fetch_checked(clear=False)
       if snapshot:
-        posthoc_ema.save_snapshot(snapshots, step,
-                                  phema.PowerEMA.trees(state.phema_params, state.params),
-                                  tc.phema_sigma_rels, tc.phema_dtype)
+        posthoc_ema.save_snapshot(snapshots, step, state.phema_params, tc.phema_sigma_rels,
+                                  tc.phema_dtype)
       if _crossed(step, k, tc.checkpoint_every) or last or stop:
         checkpointing.save(manager, step, state, config=config_record)
       if stop:

@@ -1,6 +1,7 @@
-"""Speed of the U-Net: train, forward, sampling, bfloat16, input pipeline, start-up; vs diffusers.
+"""Speed of a network: train, forward, sampling, bfloat16, input pipeline, start-up; vs diffusers.
 
   python experiments/benchmark.py --config=configs/bench.py --compare=diffusers
+  python experiments/benchmark.py --config=configs/bench_dit.py --compare=diffusers
   python experiments/benchmark.py --config=configs/bench.py --config.training.batch_size=32
 
 Measures, on the config's model and global batch: parameters, XLA's FLOPs per train step,
@@ -9,7 +10,8 @@ the devices), of the forward pass and of end-to-end sampling (DDIM at 50 calls, 
 at 20), peak memory, the fraction of a measured 4096^2 matmul peak (float32 on CPU, bfloat16 on
 GPU) that training reaches, the input pipeline's delivery rate against the train step's
 consumption, and the time from process start to the first finished train step of
-configs/digits.py. With --compare=diffusers the same architecture in diffusers/PyTorch is timed
+configs/digits.py. With --compare=diffusers the same architecture in diffusers/PyTorch
+(UNet2DModel for the U-Net, DiTTransformer2DModel for the DiT; parameter counts must agree) is timed
 the same way (sampling with diffusers' own scheduler loops under `torch.inference_mode()`), its
 measurements alternating with ours in this one process so that both see the same machine load;
 all times are medians. Where the CPU computes bfloat16 natively (AMX, AVX-512 BF16) it also
@@ -59,8 +61,9 @@ config_flags.DEFINE_config_file('config', os.path.join(_ROOT, 'configs', 'bench.
                                 'Config file; fields can be overridden, '
                                 'e.g. --config.training.batch_size=32.', lock_config=False)
 flags.DEFINE_enum('compare', None, ['diffusers', 'phema'],
-                  'Also time diffusers\' UNet2DModel, or this config with post-hoc EMA '
-                  '(training.phema_sigma_rels=(0.05, 0.1)), alternating with ours.')
+                  'Also time diffusers\' UNet2DModel or DiTTransformer2DModel, or this config '
+                  'with post-hoc EMA (training.phema_sigma_rels=(0.05, 0.1)), alternating with '
+                  'ours.')
 flags.DEFINE_string('output', 'benchmark.json', 'Where the JSON results go.')
 flags.DEFINE_integer('warmup', 2, 'Untimed calls before each measurement.')
 flags.DEFINE_integer('repeats', 10, 'Timed train steps and forward passes per side.')
@@ -115,10 +118,12 @@ def peak_memory_bytes() -> dict:
 
 
 def synthetic_npz(directory: str, n: int, size: int, channels: int) -> str:
-  """A random uint8 [n, size, size, channels] `images` file, for timing the npz source."""
+  """A random uint8 [n, size, size, channels] `images` file with `labels` of 10 classes, for
+  timing the npz source."""
   path = os.path.join(directory, 'synthetic.npz')
   rng = np.random.default_rng(0)
-  np.savez(path, images=rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8))
+  np.savez(path, images=rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
+           labels=rng.integers(0, 10, (n,), dtype=np.int32))
   return path
 
 
@@ -203,8 +208,9 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
       tb = diffusers_side.TorchBench(config, images, abar)
       torch_params = diffusers_side.parameter_count(tb.model)
       if torch_params != jb.num_params:
-        raise SystemExit(f'FATAL: diffusers UNet2DModel has {torch_params:,} parameters, ours '
-                         f'{jb.num_params:,}: the architectures differ, timings would mislead.')
+        raise SystemExit(f'FATAL: diffusers\' {type(tb.model).__name__} has {torch_params:,} '
+                         f'parameters, ours {jb.num_params:,}: the architectures differ, timings '
+                         'would mislead.')
       res['torch'] = {'version': torch.__version__, 'threads': torch.get_num_threads(),
                       'params': torch_params,
                       'matmul_peak_flops': diffusers_side.matmul_flops_per_s()}

@@ -1,4 +1,5 @@
-"""The PyTorch side of the benchmark: diffusers' UNet2DModel built like our U-Net, and its steps.
+"""The PyTorch side of the benchmark: diffusers' UNet2DModel built like our U-Net, or its
+DiTTransformer2DModel built like our DiT, and their steps.
 
 The train step does the same work as ours (`diffusion_jax.train.train_step`): draw timesteps and
 noise, noise the batch, predict the noise, MSE loss, backward, global-norm clipping, AdamW, and
@@ -8,6 +9,7 @@ an EMA update of the parameters. Needs the `bench` extra (torch, diffusers).
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from typing import Callable
 
@@ -16,7 +18,10 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers import DPMSolverMultistepScheduler
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DiTTransformer2DModel
 from diffusers import UNet2DModel
+
+from diffusion_jax import models
 
 
 def build_unet(config) -> UNet2DModel:
@@ -39,8 +44,39 @@ def build_unet(config) -> UNet2DModel:
                      norm_num_groups=mc.num_groups, dropout=mc.dropout)
 
 
+def build_dit(config) -> DiTTransformer2DModel:
+  """diffusers' DiTTransformer2DModel with the architecture of `config.model` (a DiT without
+  QK-norm or RoPE, MLP ratio 4). It is class-conditional only (adaLN-Zero on the sum of the
+  noise-level and label embeddings), so the config must be too."""
+  mc, data = config.model, config.data
+  if not data.class_conditional or not data.num_classes:
+    raise ValueError('diffusers\' DiTTransformer2DModel always takes labels: set '
+                     'data.class_conditional=True and data.num_classes (configs/bench_dit.py).')
+  if mc.qk_norm or mc.rope or mc.mlp_ratio != 4:
+    raise ValueError('the diffusers comparison needs model.qk_norm=False, model.rope=False and '
+                     'model.mlp_ratio=4 (the reference DiT).')
+  hidden, depth, heads = models.dit_size(mc)
+  return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads,
+                               in_channels=data.channels, out_channels=data.channels,
+                               num_layers=depth, sample_size=data.image_size,
+                               patch_size=mc.patch_size, num_embeds_ada_norm=data.num_classes,
+                               norm_eps=1e-6)
+
+
+def build_network(config) -> torch.nn.Module:
+  return build_dit(config) if config.model.architecture == 'dit' else build_unet(config)
+
+
+# diffusers' DiT gives every block its own copy of the noise-level MLP and label table (the
+# reference shares one; diffusers' conversion script copies its weights into each block).
+_BLOCK_EMBEDDING_COPY = re.compile(r'transformer_blocks\.[1-9][0-9]*\.norm1\.emb\.')
+
+
 def parameter_count(model: torch.nn.Module) -> int:
-  return sum(p.numel() for p in model.parameters())
+  """Parameters, with the per-block copies of diffusers' DiT embeddings counted once: the
+  architecture's count (they add depth - 1 small [B, D] MLP calls per step, no other work)."""
+  return sum(p.numel() for name, p in model.named_parameters()
+             if not _BLOCK_EMBEDDING_COPY.match(name))
 
 
 class TorchBench:
@@ -59,7 +95,10 @@ class TorchBench:
     # bfloat16: the steps run under torch's CPU autocast (parameters and optimizer stay float32).
     self.autocast = ((lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if bfloat16
                      else contextlib.nullcontext)
-    self.model = build_unet(config).train()
+    self.model = build_network(config).train()
+    # A DiT always takes labels: the "no label" row, as our side's unlabelled calls use.
+    self.labels = (torch.full((len(images),), config.data.num_classes)
+                   if config.model.architecture == 'dit' else None)
     self.params = [p for p in self.model.parameters()]
     self.ema = [p.detach().clone() for p in self.params]
     self.opt = torch.optim.AdamW(self.params, lr=tc.learning_rate, betas=(tc.b1, tc.b2),
@@ -71,6 +110,13 @@ class TorchBench:
     self.t_fixed = torch.randint(0, len(self.abar), (len(self.x0),))
     self.x_fixed = torch.randn_like(self.x0)
 
+  def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The network's output for x [B, C, H, W] at timesteps t (scalar or [B])."""
+    if self.labels is None:
+      return self.model(x, t).sample
+    t = t.expand(len(x)) if t.dim() == 0 else t
+    return self.model(x, timestep=t, class_labels=self.labels[:len(x)]).sample
+
   def train_step(self) -> float:
     """One optimizer step; returns the loss."""
     b = len(self.x0)
@@ -79,7 +125,7 @@ class TorchBench:
     a = self.abar[t].view(b, 1, 1, 1)
     x_t = a.sqrt() * self.x0 + (1 - a).sqrt() * noise
     with self.autocast():
-      prediction = self.model(x_t, t).sample
+      prediction = self.predict(x_t, t)
     loss = torch.nn.functional.mse_loss(prediction.float(), noise)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -93,7 +139,7 @@ class TorchBench:
   def forward(self) -> np.ndarray:
     """One noise prediction on the fixed noisy batch, without autograd."""
     with torch.inference_mode(), self.autocast():
-      return self.model(self.x_fixed, self.t_fixed).sample.float().numpy()
+      return self.predict(self.x_fixed, self.t_fixed).float().numpy()
 
   def sampler(self, name: str, num_steps: int, clip_x0: float) -> Callable[[], np.ndarray]:
     """sample() -> float32 [B, C, H, W]: one batch drawn with diffusers' own scheduler loop.
@@ -126,7 +172,7 @@ class TorchBench:
       self.model.eval()
       with torch.inference_mode(), self.autocast():
         for t in scheduler.timesteps:
-          x = scheduler.step(self.model(x, t).sample.float(), t, x).prev_sample
+          x = scheduler.step(self.predict(x, t).float(), t, x).prev_sample
       self.model.train()
       return x.numpy()
 

@@ -77,3 +77,26 @@ def test_attention_dispatches_on_head_width():
   wide = jax.make_jaxpr(attn.attention)(*qkv((1, 4, 2, attn.LEAN_MAX_HEAD_DIM + 8))[:3])
   assert 'custom_vjp_call' in str(narrow)
   assert 'custom_vjp_call' not in str(wide)
+
+
+def test_implementation_chosen_for_the_backend():
+  assert attn.resolve('auto', jnp.bfloat16, 64, backend='gpu') == 'cudnn'
+  assert attn.resolve('auto', jnp.float32, 64, backend='gpu') == 'xla'  # cuDNN: 16-bit only
+  assert attn.resolve('auto', jnp.bfloat16, 256, backend='gpu') == 'xla'  # too wide for cuDNN
+  assert attn.resolve('auto', jnp.float32, 8, backend='cpu') == 'lean'
+  assert attn.resolve('auto', jnp.float32, 64, backend='cpu') == 'lean'
+  assert attn.resolve('auto', jnp.float32, 128, backend='cpu') == 'xla'
+  assert attn.resolve('auto', jnp.float32, 64, backend='tpu') == 'xla'
+  assert attn.resolve('lean', jnp.float32, 64, backend='gpu') == 'lean'
+  with pytest.raises(ValueError, match='model.attention'):
+    attn.resolve('flash', jnp.float32, 64)
+
+
+@pytest.mark.parametrize('implementation', ['auto', 'xla', 'lean'])
+def test_every_cpu_implementation_agrees(implementation):
+  q, k, v, g = qkv((2, 16, 4, 8), seed=3)
+  exact = reference_float64(q, k, v)
+  np.testing.assert_allclose(attn.attention(q, k, v, implementation), exact, atol=2e-5)
+  grad = jax.grad(lambda q: jnp.sum(attn.attention(q, k, v, implementation) * g))(q)
+  want = jax.grad(lambda q: jnp.sum(reference(q, k, v) * g))(q)
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4)

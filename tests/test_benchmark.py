@@ -1,4 +1,5 @@
-"""experiments/benchmark.py end to end on a tiny U-Net: it runs and its JSON has every field.
+"""experiments/benchmark.py end to end on a tiny U-Net and DiT: it runs and its JSON has every
+field.
 
 The diffusers comparison is included when torch and diffusers are installed (the `bench` extra).
 """
@@ -9,17 +10,25 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_DIFFUSERS = all(importlib.util.find_spec(m) for m in ('torch', 'diffusers'))
 
 
-def test_benchmark_writes_every_field(tmp_path):
+TINY = {'bench.py': ['--config.model.channels=16', '--config.model.channel_mult=(1,2)',
+                     '--config.model.num_groups=8'],
+        'bench_dit.py': ['--config.model.hidden=32', '--config.model.num_layers=2',
+                         '--config.model.num_heads=2']}
+
+
+@pytest.mark.parametrize('config', sorted(TINY))
+def test_benchmark_writes_every_field(tmp_path, config):
   out = tmp_path / 'bench.json'
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
-         f'--config={os.path.join(ROOT, "configs", "bench.py")}',
-         '--config.data.image_size=16', '--config.model.channels=16',
-         '--config.model.channel_mult=(1,2)', '--config.model.num_groups=8',
-         '--config.training.batch_size=4', '--warmup=1', '--repeats=2', '--sample_repeats=1',
+         f'--config={os.path.join(ROOT, "configs", config)}', '--config.data.image_size=16',
+         *TINY[config], '--config.training.batch_size=4', '--warmup=1', '--repeats=2',
+         '--sample_repeats=1',
          '--pipeline_batches=5', '--nofirst_step', f'--output={out}']
   if HAVE_DIFFUSERS:
     cmd.append('--compare=diffusers')

@@ -58,7 +58,8 @@ def test_each_formulation_learns_the_swiss_roll(name, judge, tmp_path, monkeypat
   # devices can starve on two cores (XLA's CPU rendezvous then aborts the process after 40 s).
   one = jax.devices()[:1]
   create_mesh = parallel.create_mesh
-  monkeypatch.setattr(parallel, 'create_mesh', lambda devices=None: create_mesh(one))
+  monkeypatch.setattr(parallel, 'create_mesh',
+                      lambda devices=None, fsdp=1: create_mesh(one, fsdp=fsdp))
   config = formulation_config(name)
   state = train.train_and_evaluate(config, str(tmp_path), writer=ListWriter())
   mesh = parallel.create_mesh()

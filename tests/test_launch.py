@@ -39,6 +39,13 @@ def test_summary_prints_the_ddpm_parameter_count():
   assert 'FLOPs per image' in out
 
 
+def test_summary_of_a_dit_lists_its_blocks_and_the_state_per_device():
+  out = launch('--mode=summary', '--config=configs/digits_dit.py', '--config.parallel.fsdp=2',
+               devices=2)
+  assert 'model: dit' in out and 'block5' in out and 'forward FLOPs per image' in out
+  assert 'train step memory per device (2 devices, parallel.fsdp=2)' in out
+
+
 def test_train_then_sample_digits(tmp_path):
   workdir = str(tmp_path)
   flags = ['--config=configs/digits.py', f'--workdir={workdir}'] + overrides(

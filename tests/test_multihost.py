@@ -89,7 +89,9 @@ def restore(config, workdir: str, mesh) -> task_lib.TrainState:
     manager.close()
 
 
-def test_two_processes_match_one_and_their_checkpoint_restores_on_one_device(tmp_path):
+@pytest.mark.parametrize('fsdp', [1, 2])
+def test_two_processes_match_one_and_their_checkpoint_restores_on_one_device(tmp_path, fsdp):
+  """With fsdp = 2 each process's two devices share the state (the mesh is 2 x 2)."""
   config = tiny_toy_config()
   config.training.log_every = 1
   config.training.sample_every = 2  # the preview sampler runs on the 2-process mesh too
@@ -97,8 +99,8 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_one_device(tmp
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   flags = ['--config=configs/toy2d.py'] + overrides(config)
 
-  launch_processes(flags + [f'--workdir={multi}'], num_processes=2, devices_per_process=2,
-                   logdir=str(tmp_path))
+  launch_processes(flags + [f'--workdir={multi}', f'--config.parallel.fsdp={fsdp}'],
+                   num_processes=2, devices_per_process=2, logdir=str(tmp_path))
   launch(*flags, f'--workdir={single}', devices=4)
 
   got, want = metric_logging.read_metrics(multi), metric_logging.read_metrics(single)
@@ -111,6 +113,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_one_device(tmp
   assert os.path.exists(os.path.join(multi, 'samples', 'train_00000004.png'))
 
   # The 2-process checkpoint holds the same state as the 1-process one, restored on 1 device.
+  # (The sample run below takes the workdir's config.json, fsdp included, onto one device.)
   mesh = parallel.create_mesh(jax.devices()[:1])
   a, b = restore(config, multi, mesh), restore(config, single, mesh)
   assert int(a.step) == int(b.step) == config.training.num_steps

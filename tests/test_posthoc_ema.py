@@ -6,10 +6,11 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import parallel, phema, posthoc_ema, sampling, train
+from diffusion_jax import checkpointing, parallel, phema, posthoc_ema, sampling, train
 from diffusion_jax import task as task_lib
 from tests.conftest import tiny_toy_config
 from tests.test_train import ListWriter
@@ -59,13 +60,12 @@ def test_snapshots_hold_the_tracked_averages(straight):
   assert found[0][1]['sigma_rels'] == list(WIDTHS)
   np.testing.assert_allclose(found[0][1]['gammas'], [phema.sigma_rel_to_gamma(w) for w in WIDTHS])
   profiles, _ = read_snapshot(workdir, 6, phema_config(), parallel.create_mesh())
-  live = phema.PowerEMA.trees(state.phema_params, state.params)
+  live = state.phema_params
   for a, b in zip(jax.tree.leaves(profiles), jax.tree.leaves(live)):
     np.testing.assert_array_equal(a, b)
   # Two parameter copies, one per width, beside params and ema_params.
-  assert len(live) == 2 and jax.tree.structure(live[0]) == jax.tree.structure(state.params)
-  size = sum(x.size for x in jax.tree.leaves(state.params))
-  assert all(a.shape == (size,) for a in state.phema_params)
+  assert len(live) == 2 and all(jax.tree.structure(a) == jax.tree.structure(state.params)
+                                for a in live)
 
 
 def test_the_averages_follow_the_parameters_of_every_step(tmp_path):
@@ -81,7 +81,7 @@ def test_the_averages_follow_the_parameters_of_every_step(tmp_path):
   for t in (2, 3):
     w = 1 - (1 - 1 / t) ** (gamma + 1)
     expected = jax.tree.map(lambda a, p: a + w * (p - a), expected, states[t - 1].params)
-  tracked = phema.PowerEMA.trees(states[-1].phema_params, states[-1].params)[1]
+  tracked = states[-1].phema_params[1]
   for a, b in zip(jax.tree.leaves(tracked), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -108,7 +108,7 @@ def test_snapshots_of_four_devices_reconstruct_on_one(straight):
   target = task_lib.abstract_train_state(config, task_lib.create_task(config), mesh1).params
   params, step, weights = posthoc_ema.reconstruct(workdir, WIDTHS[0], target)
   assert step == 6 and weights.shape == (3, 2)
-  stored = phema.PowerEMA.trees(state.phema_params, state.params)[0]
+  stored = state.phema_params[0]
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(stored)):
     assert a.sharding.device_set == {jax.devices()[0]}
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # a stored width: itself
@@ -193,3 +193,26 @@ def test_the_train_step_holds_two_more_parameter_copies_and_nothing_else():
   (arg0, temp0, params), (arg2, temp2, _) = sizes[0], sizes[2]
   assert arg2 - arg0 == 2 * params  # the two averages, donated like the rest of the state
   assert temp2 <= temp0 + params // 4, (temp0, temp2, params)  # updated in place
+
+
+def test_checkpoints_with_flat_averages_still_resume(straight, tmp_path):
+  """Checkpoints written when each average was one flat vector (the leaves raveled and
+  concatenated) restore with the averages as trees, equal to the flattened ones."""
+  _, state = straight
+  flat = tuple(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(a)])
+               for a in state.phema_params)
+  manager = checkpointing.create_manager(str(tmp_path))
+  checkpointing.save(manager, 6, state.replace(phema_params=flat))
+  checkpointing.wait_until_finished(manager)
+  config = phema_config()
+  target = task_lib.abstract_train_state(config, task_lib.create_task(config),
+                                         parallel.create_mesh())
+  restored = checkpointing.restore_or_keep(manager, target,
+                                           restore_fn=task_lib.restore_train_state)
+  manager.close()
+  for a, b, want in zip(jax.tree.leaves(restored.phema_params),
+                        jax.tree.leaves(state.phema_params),
+                        jax.tree.leaves(target.phema_params)):
+    np.testing.assert_array_equal(a, b)
+    assert a.sharding == want.sharding
+  np.testing.assert_array_equal(restored.step, state.step)

@@ -27,3 +27,20 @@ def test_config_file_when_there_is_no_json(tmp_path):
   assert config.data.source == 'digits' and config.model.channel_mult == (1, 2)
   with pytest.raises(FileNotFoundError, match='config.json'):
     run_config.load_config(str(tmp_path))
+
+
+def test_the_attention_kernel_may_change_but_not_the_network(tmp_path):
+  """model.attention chooses how the network is computed (a run trained with cuDNN resumes or
+  samples on a CPU); model.* fields that change the network are refused."""
+  trained = tiny_image_config()
+  trained.model.attention = 'cudnn'
+  (tmp_path / 'config.json').write_text(trained.to_json_best_effort())
+  given = tiny_image_config()
+  given.model.attention = 'xla'
+  assert run_config.check_resume(given, str(tmp_path)) == {'model.attention': ('cudnn', 'xla')}
+  merged = run_config.for_sampling(given, str(tmp_path), {'model.attention': 'xla'})
+  assert merged.model.attention == 'xla'
+  assert run_config.for_sampling(given, str(tmp_path), {}).model.attention == 'cudnn'
+  given.model.channels = 32
+  with pytest.raises(ValueError, match='model.channels: trained 16, given 32'):
+    run_config.check_resume(given, str(tmp_path))

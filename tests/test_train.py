@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import checkpointing, input_pipeline, parallel, sources, train
 from diffusion_jax import task as task_lib
@@ -31,8 +32,11 @@ class ListWriter:
     pass
 
 
-def losses_on(devices, config, num_steps=3):
-  mesh = parallel.create_mesh(devices)
+def losses_on(devices, config, num_steps=3, fsdp=1):
+  """(loss per step, final state) of `num_steps` steps on `devices`, `fsdp` of them sharing the
+  state."""
+  config.parallel.fsdp = fsdp
+  mesh = parallel.create_mesh(devices, fsdp=fsdp)
   task = task_lib.create_task(config)
   state = task_lib.create_train_state(config, task, mesh)
   step = train.make_train_step(config, task, mesh)
@@ -41,15 +45,16 @@ def losses_on(devices, config, num_steps=3):
   for _ in range(num_steps):
     state, metrics = step(state, next(batches))
     out.append(float(metrics['loss']))
-  return np.array(out), jax.device_get(state.params)
+  return np.array(out), state
 
 
 def test_one_and_four_devices_give_the_same_losses(image_config):
   assert jax.device_count() == 4
-  one, params1 = losses_on(jax.devices()[:1], image_config)
-  four, params4 = losses_on(jax.devices(), image_config)
+  one, state1 = losses_on(jax.devices()[:1], image_config)
+  four, state4 = losses_on(jax.devices(), image_config)
   np.testing.assert_allclose(one, four, rtol=2e-5)
-  for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params4)):
+  for a, b in zip(jax.tree.leaves(jax.device_get(state1.params)),
+                  jax.tree.leaves(jax.device_get(state4.params))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -61,9 +66,10 @@ def test_devices_draw_different_noise():
     noise = jax.vmap(lambda k: jax.random.normal(k, (3,)))(keys)
     # Gather through a psum (an all_gather's result is not known to be replicated).
     rows = parallel.device_index() * batch.shape[0] + jnp.arange(batch.shape[0])
-    return state, jax.lax.psum(jnp.zeros((8, 3)).at[rows].set(noise), parallel.AXIS)
+    return state, jax.lax.psum(jnp.zeros((8, 3)).at[rows].set(noise), parallel.BATCH_AXES)
 
-  fn = parallel.data_parallel(per_device, mesh, donate_state=False)
+  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), parallel.batch_spec()),
+                             out_specs=(P(), P())))
   _, noise = fn(jnp.zeros(()), jnp.zeros((8,)))
   noise = np.asarray(noise)
   assert noise.shape == (8, 3)

@@ -2,12 +2,13 @@
 
 import jax.numpy as jnp
 
+from diffusion_jax.models.dit import DiT, PRESETS as DIT_PRESETS
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
 # float16 is left out: it needs loss scaling, which training does not do (use bfloat16).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-ARCHITECTURES = ('unet', 'mlp')
+ARCHITECTURES = ('unet', 'dit', 'mlp')
 
 
 def create_model(model_config, num_classes: int = 0):
@@ -22,9 +23,27 @@ def create_model(model_config, num_classes: int = 0):
                 attention_resolutions=tuple(cfg.attention_resolutions),
                 num_heads=cfg.num_heads, head_dim=cfg.head_dim or None, dropout=cfg.dropout,
                 scale_shift=cfg.scale_shift, num_groups=cfg.num_groups,
-                num_classes=num_classes, dtype=dtype)
+                num_classes=num_classes, dtype=dtype, attention=cfg.get('attention', 'auto'))
+  if cfg.architecture == 'dit':
+    hidden, depth, heads = dit_size(cfg)
+    return DiT(hidden=hidden, depth=depth, num_heads=heads, patch_size=cfg.patch_size,
+               mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm, rope=cfg.rope,
+               num_classes=num_classes, attention=cfg.attention, dtype=dtype)
   if cfg.architecture == 'mlp':
     return MLP(hidden=cfg.hidden, num_layers=cfg.num_layers, num_classes=num_classes,
                dtype=dtype)
   raise ValueError(f'model.architecture={cfg.architecture!r} is unknown; '
                    f'choose one of {ARCHITECTURES}.')
+
+
+def dit_size(model_config) -> tuple[int, int, int]:
+  """(hidden width, depth, heads) of a DiT: the preset's (`model.preset`: S, B, L, XL) or
+  model.hidden, model.num_layers and model.num_heads when no preset is named."""
+  cfg = model_config
+  if cfg.preset:
+    if cfg.preset not in DIT_PRESETS:
+      raise ValueError(f'model.preset={cfg.preset!r} is unknown; choose one of '
+                       f'{tuple(DIT_PRESETS)}, or \'\' to set model.hidden, model.num_layers '
+                       'and model.num_heads yourself.')
+    return DIT_PRESETS[cfg.preset]
+  return cfg.hidden, cfg.num_layers, cfg.num_heads

@@ -1,6 +1,10 @@
-"""Scaled dot-product attention, with a memory-lean custom-VJP version for narrow heads on CPU.
+"""Scaled dot-product attention: `jax.nn.dot_product_attention` with the implementation chosen for
+the backend, and a memory-lean custom-VJP version for narrow heads on CPU.
 
-`attention(q, k, v)` is softmax(q k^T / sqrt(d)) v over [B, L, heads, d] arrays. On CPU with
+`attention(q, k, v, implementation)` is softmax(q k^T / sqrt(d)) v over [B, L, heads, d] arrays.
+`implementation` ('auto', 'xla', 'cudnn' or 'lean', the config's `model.attention`) picks the
+kernel; 'auto' takes cuDNN's fused kernel on a GPU for bfloat16/float16 heads it supports (width
+a multiple of 8, at most 128), `lean_attention` on CPU for narrow heads, XLA's otherwise. On CPU with
 narrow heads (d <= `LEAN_MAX_HEAD_DIM`, e.g. diffusers' width-8 heads) XLA's own attention
 saves the [B, heads, L, L] probabilities for the backward pass and runs its width-d matmuls
 slowly over those large buffers; `lean_attention` instead keeps only the per-row log-sum-exp and
@@ -17,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LEAN_MAX_HEAD_DIM = 32  # wider heads do enough work per score for XLA's own version to keep up
+LEAN_MAX_HEAD_DIM = 64  # wider heads do enough work per score for XLA's own version to keep up
 
 
 def _scores(q: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
@@ -91,8 +95,35 @@ def _lean_bwd(res, d_out):
 lean_attention.defvjp(_lean_fwd, _lean_bwd)
 
 
-def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'lean')
+
+
+def cudnn_supports(dtype, head_dim: int) -> bool:
+  """Whether cuDNN's fused attention takes heads of this dtype and width."""
+  return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def resolve(implementation: str, dtype, head_dim: int, backend: str | None = None) -> str:
+  """The kernel that `implementation` means for heads of `dtype` and `head_dim` on `backend`
+  (default: JAX's): 'xla', 'cudnn' or 'lean'."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'model.attention={implementation!r} is unknown; choose one of '
+                     f'{IMPLEMENTATIONS}.')
+  if implementation != 'auto':
+    return implementation
+  backend = backend or jax.default_backend()
+  if backend == 'gpu' and cudnn_supports(dtype, head_dim):
+    return 'cudnn'
+  if backend == 'cpu' and head_dim <= LEAN_MAX_HEAD_DIM:
+    return 'lean'
+  return 'xla'
+
+
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+              implementation: str = 'auto') -> jnp.ndarray:
   """Multi-head attention q, k, v [B, L, heads, d] -> [B, L, heads, d], in v's dtype."""
-  if jax.default_backend() == 'cpu' and q.shape[-1] <= LEAN_MAX_HEAD_DIM:
+  kernel = resolve(implementation, q.dtype, q.shape[-1])
+  if kernel == 'lean':
     return lean_attention(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=kernel)

@@ -73,12 +73,14 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over the H*W positions, with a residual connection.
 
-  `head_dim` (if set) fixes the width of each head, else `num_heads` heads share the channels.
+  `head_dim` (if set) fixes the width of each head, else `num_heads` heads share the channels;
+  `implementation` is the attention kernel (`attention.IMPLEMENTATIONS`).
   """
   num_heads: int = 1
   head_dim: int | None = None
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -89,7 +91,7 @@ class AttentionBlock(nn.Module):
     y = group_norm(self.num_groups, self.dtype, 'norm')(x).reshape(b, h * w, c)
     qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, name='qkv')(y)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, HW, heads, head_dim]
-    y = attention(q, k, v)
+    y = attention(q, k, v, self.implementation)
     y = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                         name='proj_out')(y)
     return x + y.reshape(b, h, w, c)

@@ -39,6 +39,7 @@ class UNet(nn.Module):
   num_classes: int = 0
   out_channels: Optional[int] = None
   dtype: Any = jnp.float32
+  attention: str = 'auto'  # the attention kernel: auto | xla | cudnn | lean
 
   @nn.compact
   def __call__(self, x, t, labels=None, *, train: bool = False):
@@ -56,7 +57,7 @@ class UNet(nn.Module):
     resblock = lambda ch, name: ResBlock(ch, self.dropout, self.scale_shift, self.num_groups,
                                          dtype, name=name)
     attention = lambda name: AttentionBlock(self.num_heads, self.head_dim, self.num_groups,
-                                            dtype, name=name)
+                                            dtype, self.attention, name=name)
     num_levels = len(self.channel_mult)
 
     h = nn.Conv(self.channels, (3, 3), dtype=dtype, name='conv_in')(x.astype(dtype))
