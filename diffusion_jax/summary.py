@@ -65,27 +65,28 @@ def train_step_memory(compiled) -> dict:
   return {'state': int(stats.argument_size_in_bytes), 'temporaries': int(stats.temp_size_in_bytes)}
 
 
-def forward_flops(task) -> float:
-  """XLA's FLOP count of one network call on one image (from the lowered program, uncompiled);
-  papers that quote GFLOPs of a network (DiT) count multiply-adds, about half of it."""
+def forward_flops(task, params) -> float:
+  """XLA's FLOP count of one network call on one image, from the lowered program (uncompiled)
+  for the abstract `params`; papers that quote GFLOPs of a network (DiT) count multiply-adds,
+  about half of it."""
   info = task.info
   x = jax.ShapeDtypeStruct((1,) + tuple(info.shape), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   labels = jax.ShapeDtypeStruct((1,), jnp.int32) if info.num_classes else None
-  params = jax.eval_shape(
-      lambda: task_lib.init_params(task.model, info, jax.random.PRNGKey(0)))
   lowered = jax.jit(lambda p, x, t, y: task.model.apply({'params': p}, x, t, y)).lower(
       params, x, t, labels)
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
+  return _flops(lowered.cost_analysis())
 
 
 def compiled_flops(compiled, num_devices: int = 1) -> float:
   """XLA's FLOP count of a compiled per-device program, times the devices that run it."""
-  cost = compiled.cost_analysis()
+  return _flops(compiled.cost_analysis()) * num_devices
+
+
+def _flops(cost) -> float:
+  """The 'flops' of XLA's cost analysis (a dict, or a list with one per program)."""
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0)) * num_devices
+  return float(cost.get('flops', 0.0))
 
 
 def summarize(config) -> dict:
@@ -101,7 +102,7 @@ def summarize(config) -> dict:
   flops = train_step_flops(config, task, mesh, compiled)
   memory = train_step_memory(compiled)
   per_image = flops / config.training.batch_size
-  forward = forward_flops(task)
+  forward = forward_flops(task, params)
   print(f'model: {config.model.architecture}  data: {config.data.source} '
         f'{tuple(task.info.shape)}  classes: {task.info.num_classes}')
   print(f'params: {n_params}')

@@ -156,9 +156,8 @@ def restore_train_state(manager, target: TrainState, step: int) -> TrainState:
   fields = checkpointing.restore_fields(
       manager, {'phema_params': tuple(vector(s) for s in flat)}, step)
   state = checkpointing.restore(manager, rest, step)
-  shardings = jax.tree.map(lambda x: x.sharding, target.params)
-  averages = tuple(jax.device_put(phema.unflatten(v, target.params), shardings)
-                   for v in fields['phema_params'])
+  averages = tuple(jax.device_put(phema.unflatten(v, like), jax.tree.map(lambda x: x.sharding, like))
+                   for v, like in zip(fields['phema_params'], target.phema_params))
   return state.replace(phema_params=averages)
 
 
