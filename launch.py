@@ -1,7 +1,8 @@
 """Entry point: train, sample, evaluate or summarise a model described by a config file.
 
   python launch.py --config=configs/digits.py --workdir=/tmp/digits
-  python launch.py --config=configs/flowers.py --workdir=/tmp/flowers --config.training.batch_size=64
+  python launch.py --config=configs/flowers.py --workdir=/tmp/flowers \
+      --config.training.batch_size=64
   python launch.py --config=configs/digits.py --workdir=/tmp/digits --mode=sample
   python launch.py --config=configs/cifar10.py --mode=summary
 """

@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.scale_shift = False  # time embedding as GroupNorm scale/shift (ADM) instead of added
   model.num_groups = 32  # GroupNorm groups
   model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
-  model.attention = 'auto'  # attention kernel: auto (cudnn on GPU, lean on CPU) | xla | cudnn | lean
+  model.attention = 'auto'  # kernel: auto (cudnn on GPU, lean on CPU) | xla | cudnn | lean
   model.hidden = 128  # mlp, dit: width
   model.num_layers = 4  # mlp: residual blocks; dit: transformer blocks
   model.preset = ''  # dit: S | B | L | XL sets hidden, num_layers, num_heads ('': those fields)
@@ -51,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = 'ddpm'  # ddpm (discrete, T steps) | vp | flow | edm (continuous time)
-  diffusion.schedule = 'linear'  # ddpm: linear | cosine | offset_cosine | sigmoid; vp: cosine | linear
+  # ddpm: linear | cosine | offset_cosine | sigmoid; vp: cosine | linear
+  diffusion.schedule = 'linear'
   diffusion.schedule_kwargs = ''  # the schedule's own parameters, e.g. 'beta_end=0.01' (linear)
   diffusion.num_timesteps = 1000  # T of the ddpm process
   diffusion.sigma_min = 0.002  # edm: the smallest noise level
@@ -94,7 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3  # how many checkpoints to keep
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ddim'  # ddpm | ddim | dpm_solver++ | unipc | euler | heun | edm | euler_maruyama
+  # ddpm | ddim | dpm_solver++ | unipc | euler | heun | edm | euler_maruyama
+  sampling.sampler = 'ddim'
   sampling.num_steps = 50  # steps: network calls, but heun / edm make 2 num_steps - 1 (ddpm: all T)
   sampling.eta = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
   sampling.solver_order = 2  # dpm_solver++ / unipc: 1, 2 or 3 (1 is DDIM with eta 0)

@@ -32,7 +32,7 @@ def get_config():
   config.training.log_every = 100
   config.training.sample_every = 1000
   config.training.checkpoint_every = 1000
-  # From experiments/sampler_study.py on this config (README, "Samplers"): the SDE form of
+  # From experiments/sampler_study.py on this config (docs/samplers.md, "Samplers"): the SDE form of
   # DPM-Solver++(2M) at 20 requested calls (17 after logsnr drops repeats) is as close to the
   # data as DDPM's 1,000 (0.96 vs 0.91); DDIM needs 50 to reach 1.56.
   config.sampling.sampler = 'dpm_solver++'

@@ -14,6 +14,6 @@ def get_config():
   config.diffusion.loss_weighting = 'edm'
   config.training.time_sampling = 'lognormal'  # P_mean -1.2, P_std 1.2
   # Sampling as digits.py (DPM-Solver++(2M) SDE, 20 calls, logsnr): the best at 20 calls in
-  # experiments/sampler_study.py (README, "Formulations"), 0.93 +- 0.08 here; Heun gives 1.15 at
-  # 19 calls.
+  # experiments/sampler_study.py (docs/samplers.md, "Formulations"), 0.93 +- 0.08 here; Heun
+  # gives 1.15 at 19 calls.
   return config

@@ -28,7 +28,7 @@ def get_config():
   config.training.sample_every = 0
   config.training.checkpoint_every = 2500
   config.sampling.clip_x0 = 2.0  # the data live in their own coordinates, within [-1.6, 1.6]
-  # From experiments/sampler_study.py on this config (README, "Samplers"): deterministic
+  # From experiments/sampler_study.py on this config (docs/samplers.md, "Samplers"): deterministic
   # samplers stall at ~1.2x the data's own spread on 2-D data; the SDE form of DPM-Solver++(2M)
   # at 50 requested calls (49 after logsnr drops repeats) matches DDPM's 1,000 (0.98 vs 0.96).
   config.sampling.sampler = 'dpm_solver++'

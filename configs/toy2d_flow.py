@@ -12,8 +12,9 @@ def get_config():
   config.diffusion.process = 'flow'
   config.diffusion.prediction_type = 'flow'
   config.training.time_sampling = 'logit_normal'
-  # From experiments/sampler_study.py (README, "Formulations"): DPM-Solver++(2M) reaches the
-  # data's own spread at 20 calls on this formulation (1.00 +- 0.05); Heun needs 49 (1.04).
+  # From experiments/sampler_study.py (docs/samplers.md, "Formulations"): DPM-Solver++(2M)
+  # reaches the data's own spread at 20 calls on this formulation (1.00 +- 0.05); Heun needs 49
+  # (1.04).
   config.sampling.sampler = 'dpm_solver++'
   config.sampling.solver_order = 2
   config.sampling.stochastic = False

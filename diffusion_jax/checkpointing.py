@@ -5,11 +5,11 @@ target (shapes, dtypes and the shardings of the *current* mesh), so a checkpoint
 4 devices, or from 2 processes, restores on 1 device, a Colab CPU included.
 
 Each checkpoint's metadata also holds the run's config (`stored_config`), from which a lost
-config.json is rebuilt. A checkpoint that cannot be read (bit rot, a half-copied directory) is named in a warning and
-the one before it is tried (`restore_newest_readable`); training that resumes past it moves it
-aside to `<step>.unreadable` (never deleting it) so that the step can be written again. A
-checkpoint that reads but holds another state (written with other settings) is not skipped:
-`CheckpointMismatch` names what differs.
+config.json is rebuilt. A checkpoint that cannot be read (bit rot, a half-copied directory) is
+named in a warning and the one before it is tried (`restore_newest_readable`); training that
+resumes past it moves it aside to `<step>.unreadable` (never deleting it) so that the step can
+be written again. A checkpoint that reads but holds another state (written with other
+settings) is not skipped: `CheckpointMismatch` names what differs.
 """
 
 from __future__ import annotations

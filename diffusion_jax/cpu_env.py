@@ -11,7 +11,7 @@ matrix extensions it offers (AVX2, AVX-512, AVX-512 BF16, AMX). `cpu_settings` t
   convolution to YNNPACK. On the AVX2 EPYC its weight-gradient kernels were slower than XLA's
   own convolutions and it is switched off (`-individual_convolution`). On CPUs with AVX-512 it
   is kept: on the Zen 4 EPYC, switching it off cost 12-15% of the train step (Intel's AMX
-  Xeons have not been measured with it on; see README, "Performance").
+  Xeons have not been measured with it on; see docs/performance.md).
 
 glibc reads its settings only when the process starts, hence the re-exec. Nothing changes where
 JAX will run on a GPU or TPU. This module imports nothing heavy: call

@@ -28,7 +28,7 @@ plain mean squared error of the prediction (DDPM's L_simple for eps):
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple
 
 from absl import flags
 from absl import logging

@@ -156,15 +156,24 @@ def _tensorboard_writer(workdir: str):
     return MultiWriter([])
 
 
-def create_writer(workdir: str):
+def create_writer(workdir: str, *, log: bool = True):
   """On process 0: the log, metrics.jsonl and TensorBoard event files (started in the
-  background, `BackgroundWriter`). Elsewhere: the log only."""
+  background, `BackgroundWriter`). Elsewhere: the log only.
+
+  log=False leaves the log out, for a loop whose progress line already carries the scalars
+  (training: one line per log step).
+  """
+  logs = [LoggingWriter()] if log else []
   if jax.process_index() > 0:
-    return LoggingWriter()
+    return MultiWriter(logs)
   os.makedirs(workdir, exist_ok=True)
   jsonl = JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
-  return MultiWriter([LoggingWriter(), jsonl,
-                      BackgroundWriter(lambda: _tensorboard_writer(workdir))])
+  return MultiWriter(logs + [jsonl, BackgroundWriter(lambda: _tensorboard_writer(workdir))])
+
+
+def format_scalars(scalars: dict) -> str:
+  """'name value  name value' with 4 significant digits, for a progress line."""
+  return '  '.join(f'{name} {value:.4g}' for name, value in scalars.items())
 
 
 class Progress:

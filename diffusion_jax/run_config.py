@@ -222,7 +222,7 @@ def for_sampling(config, workdir: str, overrides: dict) -> ml_collections.Config
     if key in overrides:
       group, _, name = key.partition('.')
       merged[group][name] = config[group][name]
-  for key, value in _flat(config).items():
+  for key in _flat(config):
     group, _, name = key.partition('.')
     if group == 'data' and not is_network_field(key) and name in merged.data:
       merged.data[name] = config.data[name]

@@ -341,8 +341,8 @@ def check_tfds_features(config, features) -> None:
 
 def check(config) -> None:
   """The start-up check of the configured data, without decoding images: an .npz's arrays
-  (their headers; its labels when used), a folder's layout, a TFDS data set's features. Raises one line naming data.path /
-  data.name and what disagrees, before a run writes anything."""
+  (their headers; its labels when used), a folder's layout, a TFDS data set's features. Raises
+  one line naming data.path / data.name and what disagrees, before a run writes anything."""
   data = config.data
   if data.source == 'npz':
     images = npz_layout(data.path)['images'][0]

@@ -156,8 +156,9 @@ def restore_train_state(manager, target: TrainState, step: int) -> TrainState:
   fields = checkpointing.restore_fields(
       manager, {'phema_params': tuple(vector(s) for s in flat)}, step)
   state = checkpointing.restore(manager, rest, step)
-  averages = tuple(jax.device_put(phema.unflatten(v, like), jax.tree.map(lambda x: x.sharding, like))
-                   for v, like in zip(fields['phema_params'], target.phema_params))
+  averages = tuple(
+      jax.device_put(phema.unflatten(v, like), jax.tree.map(lambda x: x.sharding, like))
+      for v, like in zip(fields['phema_params'], target.phema_params))
   return state.replace(phema_params=averages)
 
 

@@ -175,12 +175,13 @@ def _any_process(flag: bool) -> bool:
 def train_and_evaluate(config, workdir: str, *, writer=None) -> TrainState:
   """Trains (resuming from `<workdir>/checkpoints` if there is one) and returns the state.
 
-  `writer` (default: TensorBoard + log on process 0) receives the metrics every log_every steps.
+  `writer` (default: metrics.jsonl and TensorBoard on process 0) receives the metrics every
+  log_every steps; the log gets one line per log step with the metrics, rate and time left.
 
-  Writes metrics to stdout and TensorBoard, sample grids to `<workdir>/samples/`, checkpoints
-  every training.checkpoint_every steps, at the end and on SIGTERM. A non-finite loss stops
-  training before anything non-finite is saved. The run holds the workdir throughout
-  (`workdir_lock`): a second training run into it stops before writing anything.
+  Writes sample grids to `<workdir>/samples/`, checkpoints every training.checkpoint_every
+  steps, at the end and on SIGTERM. A non-finite loss stops training before anything
+  non-finite is saved. The run holds the workdir throughout (`workdir_lock`): a second training
+  run into it stops before writing anything.
   """
   mesh = parallel.create_mesh(fsdp=config.parallel.fsdp)
   config_checks.validate(config, mesh.size)
@@ -221,7 +222,7 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
   # Not when the run looks finished: there would be nothing to compile for.
   compiling = (None if resuming and manager.latest_step() >= tc.num_steps
                else compile_in_background(config, task, mesh))
-  writer = writer or metric_logging.create_writer(workdir)
+  writer = writer or metric_logging.create_writer(workdir, log=False)
   state = checkpointing.restore_or_keep(manager, task_lib.create_train_state(config, task, mesh),
                                         restore_fn=task_lib.restore_train_state)
   step = int(state.step)
@@ -280,8 +281,10 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
         # steps only, which keeps host syncs out of the others.
         stop = log_now and _any_process(stop)
       if log_now or last or stop:
-        summary = {name: float(v.mean()) for name, v in fetch_checked().items()}
-        summary.update(progress.log(step, extra=f'loss {summary["loss"]:.5f}'))
+        values = fetch_checked()
+        summary = {name: float(values[name].mean())  # the loss first in the log line
+                   for name in sorted(values, key=lambda name: name != 'loss')}
+        summary.update(progress.log(step, extra=metric_logging.format_scalars(summary)))
         writer.write_scalars(step, summary)
       if _crossed(step, k, tc.sample_every) or (last and tc.sample_every):
         write_preview(config, preview, state.ema_params, step, workdir, writer)

@@ -26,7 +26,6 @@ from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
-import numpy as np
 from PIL import Image
 
 from diffusion_jax import input_pipeline, parallel, sources

@@ -24,7 +24,6 @@ class).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time

@@ -15,9 +15,9 @@ launch.py in its own workdir `<root>/<trial name>`.
 on the CPU. A trial whose completion record (finished.json) exists is skipped, so running again
 resumes a sweep (and launch.py resumes each unfinished trial from its latest checkpoint).
 `slurm` writes an array-job script, one array task per trial, each running
-`sweep.py run-one --index=$SLURM_ARRAY_TASK_ID`; it does not submit it. `summary` writes the final loss (and any eval metrics) of every trial with its
-overrides to `<root>/summary.md` and `<root>/summary.csv`. The parts live in
-`experiments/sweeping/`.
+`sweep.py run-one --index=$SLURM_ARRAY_TASK_ID`; it does not submit it. `summary` writes the
+final loss (and any eval metrics) of every trial with its overrides to `<root>/summary.md` and
+`<root>/summary.csv`. The parts live in `experiments/sweeping/`.
 """
 
 from __future__ import annotations

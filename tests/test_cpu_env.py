@@ -53,7 +53,7 @@ YNN_CONVOLUTIONS_OFF = '--xla_cpu_experimental_ynn_fusion_type=-individual_convo
 
 
 def test_settings_follow_the_cpu_and_keep_what_the_user_set():
-  # As measured (README, "Performance"): YNNPACK convolutions off on AVX2 only; malloc on all.
+  # As measured (docs/performance.md): YNNPACK convolutions off on AVX2 only; malloc on all.
   expected_flags = {INTEL_AMX: (), AMD_ZEN4: (), AMD_AVX2: (YNN_CONVOLUTIONS_OFF,)}
   for text, expected in expected_flags.items():
     cpu = cpu_env.read_cpu(text)

@@ -8,7 +8,6 @@ the toy config (seconds on one CPU core).
 """
 
 import jax
-import numpy as np
 import pytest
 
 from diffusion_jax import generation, parallel, train
@@ -65,7 +64,7 @@ def test_each_formulation_learns_the_swiss_roll(name, judge, tmp_path, monkeypat
   mesh = parallel.create_mesh()
   task = task_lib.create_task(config)
   scores = {}
-  for sampler, (settings, limit) in SAMPLERS.items():
+  for sampler, (settings, _) in SAMPLERS.items():
     cfg = config.copy_and_resolve_references()
     cfg.sampling.update(settings)
     cfg.sampling.batch_size = NUM_SAMPLES

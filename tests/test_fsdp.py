@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import (checkpointing, input_pipeline, metric_logging, parallel, summary,
-                           train)
+from diffusion_jax import (checkpointing, input_pipeline, metric_logging, parallel, summary)
 from diffusion_jax import task as task_lib
 from tests.conftest import tiny_image_config
 from tests.test_train import losses_on

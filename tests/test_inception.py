@@ -185,7 +185,8 @@ def test_resize_matches_torch_bilinear(height, width):
 # ---- the state_dict <-> param tree mapping -------------------------------------------------------
 
 def test_architecture_table_matches_flax_init(init_shapes):
-  from_table = {k: (s, np.dtype(np.float32)) for k, s in inception_weights.flax_param_shapes().items()}
+  from_table = {k: (s, np.dtype(np.float32))
+                for k, s in inception_weights.flax_param_shapes().items()}
   assert _flat_shapes(init_shapes['params']) == from_table
   assert len(inception_weights.conv_layers()) == 94
 

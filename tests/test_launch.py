@@ -66,7 +66,14 @@ def test_train_then_sample_digits(tmp_path):
 def test_train_then_sample_toy2d(tmp_path):
   workdir = str(tmp_path)
   flags = ['--config=configs/toy2d.py', f'--workdir={workdir}'] + overrides(tiny_toy_config())
-  launch(*flags)
+  out = launch(*flags)
+  # One log line per log step (log_every=2 of 4 steps), holding every metric and the rates.
+  lines = [line for line in out.splitlines() if 'step 2/4' in line or 'step 4/4' in line
+           or 'loss' in line]
+  assert len(lines) == 2, lines
+  for line in lines:
+    assert all(part in line for part in ('  loss ', 'grad_norm', 'learning_rate', 'steps/s',
+                                         'img/s', 'ETA')), line
   launch(*flags, '--mode=sample', '--config.sampling.sampler=ddpm')
   with np.load(os.path.join(workdir, 'samples', 'samples.npz')) as f:
     assert f['points'].shape == (64, 2) and f['points'].dtype == np.float32

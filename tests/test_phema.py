@@ -64,13 +64,16 @@ def test_float32_tracking_keeps_the_newest_weight_at_large_steps():
 
 
 def test_inner_products_are_integrals_of_the_profiles():
-  def profile(t, g):
-    return lambda tau: (g + 1) * tau ** g / t ** (g + 1) if tau <= t else 0.0
+  def profile(tau, t, g):
+    return (g + 1) * tau ** g / t ** (g + 1) if tau <= t else 0.0
+
+  def product(tau, t_a, g_a, t_b, g_b):
+    return profile(tau, t_a, g_a) * profile(tau, t_b, g_b)
+
   for (t_a, s_a), (t_b, s_b) in [((100, 0.05), (300, 0.1)), ((500, 0.1), (200, 0.05)),
                                  ((400, 0.2), (400, 0.02))]:
     g_a, g_b = phema.sigma_rel_to_gamma(s_a), phema.sigma_rel_to_gamma(s_b)
-    pa, pb = profile(t_a, g_a), profile(t_b, g_b)
-    numeric = integrate.quad(lambda tau: pa(tau) * pb(tau), 0, min(t_a, t_b), limit=200)[0]
+    numeric = integrate.quad(product, 0, min(t_a, t_b), args=(t_a, g_a, t_b, g_b), limit=200)[0]
     assert phema.profile_inner_products(t_a, g_a, t_b, g_b) == pytest.approx(numeric, rel=1e-7)
 
 

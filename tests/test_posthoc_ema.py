@@ -1,6 +1,7 @@
 """Post-hoc EMA in training: the averages in the train step, their snapshots, resuming, and the
 reconstruction on another topology; sampling uses it with sampling.ema_sigma_rel."""
 
+import functools
 import glob
 import os
 import shutil
@@ -68,6 +69,11 @@ def test_snapshots_hold_the_tracked_averages(straight):
                                 for a in live)
 
 
+def _toward(average, value, w):
+  """One step of an average: average + w (value - average)."""
+  return average + w * (value - average)
+
+
 def test_the_averages_follow_the_parameters_of_every_step(tmp_path):
   """Averages tracked in training equal the recursion run on the parameters step by step."""
   config = phema_config(num_steps=3)
@@ -80,7 +86,7 @@ def test_the_averages_follow_the_parameters_of_every_step(tmp_path):
   expected = states[0].params  # beta(1) = 0
   for t in (2, 3):
     w = 1 - (1 - 1 / t) ** (gamma + 1)
-    expected = jax.tree.map(lambda a, p: a + w * (p - a), expected, states[t - 1].params)
+    expected = jax.tree.map(functools.partial(_toward, w=w), expected, states[t - 1].params)
   tracked = states[-1].phema_params[1]
   for a, b in zip(jax.tree.leaves(tracked), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -125,11 +125,13 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray]) -> Params:
     raise _mismatch_error('the state_dict', missing, unexpected, wrong)
   flat = {}
   for name, *_ in conv_layers():
-    get = lambda suffix: np.asarray(state_dict[f'{name}.{suffix}'], np.float64)  # noqa: E731
-    scale = get('bn.weight') / np.sqrt(get('bn.running_var') + BN_EPS)
+    weight, bias, mean, var, kernel = (
+        np.asarray(state_dict[f'{name}.{suffix}'], np.float64)
+        for suffix in ('bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var', 'conv.weight'))
+    scale = weight / np.sqrt(var + BN_EPS)
     prefix = name.replace('.', '/') + '/conv/'
-    flat[prefix + 'kernel'] = (get('conv.weight').transpose(2, 3, 1, 0) * scale).astype(np.float32)
-    flat[prefix + 'bias'] = (get('bn.bias') - get('bn.running_mean') * scale).astype(np.float32)
+    flat[prefix + 'kernel'] = (kernel.transpose(2, 3, 1, 0) * scale).astype(np.float32)
+    flat[prefix + 'bias'] = (bias - mean * scale).astype(np.float32)
   return traverse_util.unflatten_dict(flat, sep='/')
 
 

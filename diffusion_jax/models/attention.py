@@ -4,8 +4,8 @@ the backend, and a memory-lean custom-VJP version for narrow heads on CPU.
 `attention(q, k, v, implementation)` is softmax(q k^T / sqrt(d)) v over [B, L, heads, d] arrays.
 `implementation` ('auto', 'xla', 'cudnn' or 'lean', the config's `model.attention`) picks the
 kernel; 'auto' takes cuDNN's fused kernel on a GPU for bfloat16/float16 heads it supports (width
-a multiple of 8, at most 128), `lean_attention` on CPU for narrow heads, XLA's otherwise. On CPU with
-narrow heads (d <= `LEAN_MAX_HEAD_DIM`, e.g. diffusers' width-8 heads) XLA's own attention
+a multiple of 8, at most 128), `lean_attention` on CPU for narrow heads, XLA's otherwise. On CPU
+with narrow heads (d <= `LEAN_MAX_HEAD_DIM`, e.g. diffusers' width-8 heads) XLA's own attention
 saves the [B, heads, L, L] probabilities for the backward pass and runs its width-d matmuls
 slowly over those large buffers; `lean_attention` instead keeps only the per-row log-sum-exp and
 recomputes the scores in the backward (as FlashAttention does), one example at a time so that
