@@ -118,9 +118,34 @@ class _QuietLibraries(logging.logging.Filter):
 _NAMED_FAILURES = (ValueError, OSError, RuntimeError, FloatingPointError)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, then the config file with its --config.* overrides applied, so that a
+  mistake in either ends here in one line naming the flag or the file and the fix."""
+  from diffusion_jax import config_checks  # pylint: disable=g-import-not-at-top
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.keys()  # the file is loaded and the overrides applied by now, or this raises
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  (anything the file itself may raise)
+    if '--traceback' in argv:
+      raise
+    print(f'launch.py: {config_checks.explain_start_error(e, argv)}', file=sys.stderr,
+          flush=True)
+    sys.exit(2)
+
+
 def main(argv):
+  from diffusion_jax import stop_signals  # pylint: disable=g-import-not-at-top
   try:
     run(argv)
+  except stop_signals.Interrupted as e:
+    logging.flush()
+    print(f'launch.py --mode={FLAGS.mode}: {e}; nothing was written, and the files already in '
+          f'{FLAGS.workdir} are as they were.', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not sys.exit: the interpreter's shutdown would wait for the device computation still in
+    # flight (minutes for a long sampling batch). Nothing is pending that needs a clean exit.
+    os._exit(128 + e.signum)  # pylint: disable=protected-access
   except _NAMED_FAILURES as e:
     if FLAGS.traceback:
       raise
@@ -128,6 +153,14 @@ def main(argv):
     print(f'launch.py --mode={FLAGS.mode}: {type(e).__name__}: {e}', file=sys.stderr,
           flush=True)
     sys.exit(1)
+
+
+def settings_given() -> dict:
+  """The command line's --config.* overrides that change the config file's own value
+  ({'group.field': value}): what `config_checks.check_command_line` holds to the run."""
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  return run_config.changed_overrides(config_flags.get_config_filename(FLAGS['config']),
+                                      config_flags.get_override_values(FLAGS['config']))
 
 
 def run(argv):
@@ -139,22 +172,27 @@ def run(argv):
   config = FLAGS.config
   # Each mode's module is imported only when it runs, so that --help and flag errors are instant.
   # pylint: disable=g-import-not-at-top
+  from diffusion_jax import config_checks, run_config
+  given, defaults = settings_given(), run_config.default_config()
   if FLAGS.mode == 'summary':
     from diffusion_jax import summary
+    config_checks.check_command_line(config, FLAGS.mode, given, defaults)
     summary.summarize(config)
     return
   if not FLAGS.workdir:
-    raise app.UsageError(f'--mode={FLAGS.mode} needs --workdir.')
+    raise ValueError(f'--mode={FLAGS.mode} needs --workdir=<a directory> (where checkpoints, '
+                     'metrics and samples go).')
   initialize_distributed()
   if FLAGS.mode == 'train':
     from diffusion_jax import train
+    config_checks.check_command_line(config, FLAGS.mode, given, defaults)
     train.train_and_evaluate(config, FLAGS.workdir)
     return
   # Sampling and evaluation build the network the run was trained with (its config.json); the
   # command line may change their own settings, not what the network is.
-  from diffusion_jax import run_config
   config = run_config.for_sampling(config, FLAGS.workdir,
                                    config_flags.get_override_values(FLAGS['config']))
+  config_checks.check_command_line(config, FLAGS.mode, given, defaults)
   if FLAGS.mode == 'sample':
     from diffusion_jax import sampling
     sampling.sample(config, FLAGS.workdir)
@@ -165,4 +203,4 @@ def run(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

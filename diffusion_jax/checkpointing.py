@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
-import threading
 from typing import Any, Optional
 
 from absl import logging
@@ -264,33 +262,3 @@ def _check_layout(manager: ocp.CheckpointManager, step: int, target: dict) -> No
         f'{f" (and {more} more differ)" if more else ""}: it was written with other settings '
         '(model.*, or training.phema_sigma_rels); use the ones it was trained with (its '
         'config.json), or a new --workdir.')
-
-
-class PreemptionFlag:
-  """Set by SIGTERM (and SIGINT when asked): the train loop saves and exits cleanly.
-
-  A context manager that restores the previous handlers on exit. Signal handlers can only be
-  installed from the main thread; elsewhere the flag only reacts to `set()`.
-  """
-
-  def __init__(self, signals=(signal.SIGTERM,)):
-    self._event = threading.Event()
-    self._signals = signals
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in self._signals:
-        self._previous[sig] = signal.signal(sig, lambda *_: self._event.set())
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    return False
-
-  def set(self):
-    self._event.set()
-
-  def is_set(self) -> bool:
-    return self._event.is_set()

@@ -1,14 +1,20 @@
-"""Start-up validation of a config: every error names the field and how to fix it."""
+"""Start-up validation of a config: every error names the field and how to fix it.
+
+Each field's own domain, and whether a setting given on the command line applies to the run,
+come from the table in `config_fields`; what is checked here is what relates fields to each
+other, to the devices and to the run (a label beyond the run's classes).
+"""
 
 from __future__ import annotations
 
+import os
+import traceback
+
 import jax
 
-from diffusion_jax import (diffusion, models, phema, posthoc_ema, processes, schedules, sources,
-                           step_tables, timesteps)
-from diffusion_jax.models import attention
+from diffusion_jax import config_fields, models, processes, schedules, sources, timesteps
 
-LR_SCHEDULES = ('constant', 'cosine')
+MODES = config_fields.MODES
 
 
 def _choice(value, choices, field: str):
@@ -16,21 +22,24 @@ def _choice(value, choices, field: str):
     raise ValueError(f'{field}={value!r} is unknown; choose one of {tuple(choices)}.')
 
 
-MODES = ('train', 'sample', 'eval', 'summary')
-
-
 def validate(config, num_devices: int, mode: str = 'train') -> None:
-  """Raises ValueError, naming the field, for the first bad value found.
+  """Raises ValueError, in one line naming the field, for the first bad value found.
 
-  Only what `mode` uses is checked: sampling and eval settings do not stop training (its
-  previews are checked when there are any), and training settings such as the batch size do not
-  stop sampling a run on another number of devices.
+  Every field must lie in its domain (`config_fields.check_domains`), whatever the mode. Of the
+  relations between fields only those of what `mode` uses are checked: sampling settings do not
+  stop training (its previews are checked when there are any), and training settings such as
+  the batch size do not stop sampling a run on another number of devices.
   """
   if mode not in MODES:
     raise ValueError(f'mode={mode!r} is unknown; choose one of {MODES}.')
+  if config.model.get('dtype') == 'float16':
+    raise ValueError('model.dtype=float16 trains without loss scaling here, and its 5-bit '
+                     'exponent overflows in the U-Net\'s activations and gradients; use '
+                     '--config.model.dtype=bfloat16 (the same speed on current GPUs and TPUs, '
+                     'float32\'s range, no loss scaling needed).')
+  config_fields.check_domains(config)
   data, model, diff, train, samp = (config.data, config.model, config.diffusion,
                                     config.training, config.sampling)
-  _choice(data.source, sources.SOURCES, 'data.source')
   if data.source == 'toy2d':
     _choice(data.name, sources.TOY_DATASETS, 'data.name')
   _validate_model(data, model)
@@ -38,7 +47,6 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
   process = processes.from_config(diff)
   if mode == 'train':
     _validate_training(train, num_devices)
-    _validate_posthoc_ema(train)
     if train.sample_every > 0:
       _validate_sampling(samp, process, preview=True)
   elif mode in ('sample', 'eval'):
@@ -47,63 +55,106 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
       raise ValueError(f'eval.bpd_num_examples={config.eval.bpd_num_examples}: bits/dim is the '
                        'variational bound of the discrete chain (diffusion.process=ddpm); set '
                        f'--config.eval.bpd_num_examples=0 for diffusion.process={process.name}.')
-    if samp.batch_size < 1:
-      raise ValueError(f'sampling.batch_size={samp.batch_size} must be at least 1.')
-    if samp.ema_sigma_rel and not 0.0 < samp.ema_sigma_rel <= phema.MAX_SIGMA_REL:
-      raise ValueError(f'sampling.ema_sigma_rel={samp.ema_sigma_rel} must lie in (0, '
-                       f'{phema.MAX_SIGMA_REL}] (0: the EMA of training.ema_decay).')
+
+
+def validate_labels(config, num_classes: int) -> None:
+  """sampling.label against the run's classes (known once the task is built: data.num_classes
+  may be 0, "read from the data"): a label of num_classes or more would ask the network for a
+  class it has no row for (the "no label" row, or past the table: NaN samples)."""
+  label = config.sampling.label
+  if num_classes and label >= num_classes:
+    raise ValueError(f'sampling.label={label} is beyond the run\'s {num_classes} classes: give '
+                     f'a class in [0, {num_classes - 1}], or -1 for the classes in turn.')
+
+
+def check_command_line(config, mode: str, given: dict, defaults=None) -> None:
+  """Every field in its domain, and the settings given on the command line ({'group.field':
+  value}, those that change the config file's value) of use to the run unless they are the
+  default in `defaults` (`config_fields.check_applies`)."""
+  config_fields.check_domains(config)
+  config_fields.check_applies(config, mode, given, defaults)
+
+
+def explain_start_error(error: BaseException, argv: list[str]) -> str:
+  """One line for a failure to read the command line or the config file, naming the flag or
+  the file and the fix (the traceback is for --traceback)."""
+  args = dict(arg[2:].partition('=')[::2] for arg in argv[1:] if arg.startswith('--'))
+  config_file = args.get('config', '').split(':')[0]
+  text = str(error).strip()
+  first = text.splitlines()[0] if text else type(error).__name__
+  if 'config' not in args or 'Flag --config must have a value' in text:
+    return '--config is required: pass a config file, e.g. --config=configs/digits.py.'
+  if config_file and not os.path.isfile(config_file):
+    return (f'--config={config_file}: no such file; pass a config file, e.g. '
+            '--config=configs/digits.py (paths are relative to the current directory).')
+  overrides = {key[len('config.'):]: value for key, value in args.items()
+               if key.startswith('config.')}
+  for path, value in overrides.items():
+    if path not in config_fields.FIELDS:
+      return f'--config.{path}: {config_fields.unknown_field_error(path)}'
+    if f'--config.{path}={value}' in text:  # a value the field's type cannot take
+      return (f'--config.{path}={value}: {first.split(": ", 1)[-1]}; give '
+              f'{config_fields.FIELDS[path].domain()}.')
+  causes = _causes(error)
+  # The exception raised in the config file, or else the one the chain began with.
+  cause, where = next(((e, _line_in(e, config_file)) for e in reversed(causes)
+                       if _line_in(e, config_file)), (causes[-1], None))
+  if where or cause is not error:
+    message = str(cause).strip().splitlines()[0] if str(cause).strip() else ''
+    return (f'--config={config_file}{f", line {where}" if where else ""}: '
+            f'{type(cause).__name__}: {message}; fix the file (--traceback shows the whole '
+            'traceback).')
+  return f'{first.removeprefix("FATAL Flags parsing error: ")} (--traceback shows more).'
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+  """error, the exception it was raised from, and so on: the last is where it began."""
+  chain = [error]
+  while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  return chain
+
+
+def _line_in(error: BaseException, path: str) -> int | None:
+  """The line of `path` where `error` was raised (a SyntaxError's own line), or None."""
+  def same(filename):
+    return filename and os.path.exists(filename) and os.path.samefile(filename, path)
+  if not path:
+    return None
+  if isinstance(error, SyntaxError) and same(error.filename):
+    return error.lineno
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if same(frame.filename)]
+  return lines[-1] if lines else None
 
 
 def _validate_diffusion(diff) -> None:
-  _choice(diff.process, processes.PROCESSES, 'diffusion.process')
   if diff.process == 'vp':
     _choice(diff.schedule, processes.VP_SCHEDULES, 'diffusion.schedule')
   else:
     _choice(diff.schedule, schedules.SCHEDULES, 'diffusion.schedule')
     schedules.kwargs_from_config(diff)  # names unknown or malformed diffusion.schedule_kwargs
-  _choice(diff.prediction_type, diffusion.PREDICTION_TYPES, 'diffusion.prediction_type')
-  _choice(diff.loss, diffusion.LOSS_TYPES, 'diffusion.loss')
-  _choice(diff.loss_weighting, diffusion.LOSS_WEIGHTINGS, 'diffusion.loss_weighting')
-  if diff.loss_weighting == 'min_snr' and diff.min_snr_gamma <= 0:
-    raise ValueError(f'diffusion.min_snr_gamma={diff.min_snr_gamma} must be positive with '
-                     'diffusion.loss_weighting=min_snr (5 is typical).')
-  if diff.num_timesteps < 2:
-    raise ValueError(f'diffusion.num_timesteps={diff.num_timesteps} must be at least 2.')
-  if diff.sigma_data <= 0:
-    raise ValueError(f'diffusion.sigma_data={diff.sigma_data} must be positive (0.5 for images '
-                     'in [-1, 1]).')
 
 
 def _validate_training(train, num_devices: int) -> None:
-  _choice(train.lr_schedule, LR_SCHEDULES, 'training.lr_schedule')
-  _choice(train.time_sampling, processes.TIME_SAMPLINGS, 'training.time_sampling')
-  for field in ('time_shift', 'logit_normal_std', 'lognormal_std'):
-    if train[field] <= 0:
-      raise ValueError(f'training.{field}={train[field]} must be positive.')
   per_call = train.batch_size
-  if per_call <= 0 or per_call % num_devices:
+  if per_call % num_devices:
     raise ValueError(f'training.batch_size={per_call} (global) must be a positive multiple of '
                      f'the {num_devices} devices; try --config.training.batch_size='
                      f'{max(1, round(per_call / num_devices)) * num_devices}.')
-  if train.steps_per_call < 1:
-    raise ValueError(f'training.steps_per_call={train.steps_per_call} must be at least 1.')
-  for field in ('log_every', 'checkpoint_every'):
-    every = train[field]
-    if every < 1 or every % train.steps_per_call:
-      raise ValueError(f'training.{field}={every} must be a positive multiple of '
+  every = {'log_every': train.log_every, 'checkpoint_every': train.checkpoint_every}
+  if train.phema_sigma_rels:
+    every['phema_snapshot_every'] = train.phema_snapshot_every
+    if len(set(train.phema_sigma_rels)) != len(train.phema_sigma_rels):
+      raise ValueError(f'training.phema_sigma_rels={tuple(train.phema_sigma_rels)} lists a width '
+                       'twice.')
+  for field, steps in every.items():
+    if steps % train.steps_per_call:
+      raise ValueError(f'training.{field}={steps} must be a multiple of '
                        f'training.steps_per_call={train.steps_per_call}.')
-  if not 0.0 <= train.ema_decay < 1.0:
-    raise ValueError(f'training.ema_decay={train.ema_decay} must lie in [0, 1).')
 
 
 def _validate_model(data, model) -> None:
-  _choice(model.architecture, models.ARCHITECTURES, 'model.architecture')
-  if model.dtype == 'float16':
-    raise ValueError('model.dtype=float16 trains without loss scaling here, and its 5-bit '
-                     'exponent overflows in the U-Net\'s activations and gradients; use '
-                     '--config.model.dtype=bfloat16 (the same speed on current GPUs and TPUs, '
-                     'float32\'s range, no loss scaling needed).')
-  _choice(model.dtype, models.DTYPES, 'model.dtype')
   if model.architecture == 'unet':
     if data.source == 'toy2d':
       raise ValueError('data.source=toy2d needs model.architecture=mlp (the data are points).')
@@ -149,59 +200,30 @@ def _validate_dit(data, model) -> None:
 
 
 def _validate_attention(model) -> None:
-  implementation = model.get('attention', 'auto')
-  _choice(implementation, attention.IMPLEMENTATIONS, 'model.attention')
-  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+  if model.get('attention', 'auto') == 'cudnn' and jax.default_backend() != 'gpu':
     raise ValueError(f'model.attention=cudnn runs on NVIDIA GPUs only, not on '
                      f'{jax.default_backend()}; use auto (it picks cuDNN where it can).')
-
-
-def _validate_posthoc_ema(train) -> None:
-  widths = tuple(train.phema_sigma_rels)
-  for width in widths:
-    if not 0.0 < width <= phema.MAX_SIGMA_REL:
-      raise ValueError(f'training.phema_sigma_rels={widths}: sigma_rel {width} must lie in (0, '
-                       f'{phema.MAX_SIGMA_REL}] (EDM2 tracks 0.05 and 0.10).')
-  if len(set(widths)) != len(widths):
-    raise ValueError(f'training.phema_sigma_rels={widths} lists a width twice.')
-  if widths:
-    every = train.phema_snapshot_every
-    if every < 1 or every % train.steps_per_call:
-      raise ValueError(f'training.phema_snapshot_every={every} must be a positive multiple of '
-                       f'training.steps_per_call={train.steps_per_call}.')
-    _choice(train.phema_dtype, posthoc_ema.DTYPES, 'training.phema_dtype')
 
 
 def _validate_sampling(samp, process, preview: bool) -> None:
   """The settings of the sampler that runs: the training previews' (sampling.preview_sampler,
   .preview_steps) or the one of --mode=sample/eval (sampling.sampler, .num_steps)."""
   sampler, steps = ('preview_sampler', 'preview_steps') if preview else ('sampler', 'num_steps')
-  _choice(samp[sampler], step_tables.SAMPLERS, f'sampling.{sampler}')
-  _choice(samp.spacing, timesteps.SPACINGS, 'sampling.spacing')
-  if samp.solver_order not in range(1, step_tables.MAX_ORDER + 1):
-    raise ValueError(f'sampling.solver_order={samp.solver_order} must be 1, 2 or 3.')
   if samp[sampler] == 'ddpm' and not process.discrete:
     raise ValueError(f'sampling.{sampler}=ddpm runs the T steps of the discrete chain, which '
                      f'diffusion.process={process.name} has not; use ddim with sampling.eta=1 '
                      '(ancestral steps) or euler_maruyama.')
-  if process.discrete and samp[sampler] != 'ddpm' and not (
-      1 <= samp[steps] <= process.num_timesteps):
+  if process.discrete and samp[sampler] != 'ddpm' and samp[steps] > process.num_timesteps:
     raise ValueError(f'sampling.{steps}={samp[steps]} must lie in '
                      f'[1, diffusion.num_timesteps={process.num_timesteps}].')
-  if not process.discrete:
-    if samp.spacing not in timesteps.CONTINUOUS_SPACINGS:
-      raise ValueError(f'sampling.spacing={samp.spacing!r} picks integer timesteps of the ddpm '
-                       f'process; on diffusion.process={process.name} choose one of '
-                       f'{timesteps.CONTINUOUS_SPACINGS}.')
-    if samp[steps] < 1:
-      raise ValueError(f'sampling.{steps}={samp[steps]} must be at least 1.')
-  if samp.time_shift <= 0:
-    raise ValueError(f'sampling.time_shift={samp.time_shift} must be positive (1: no shift).')
-  if samp.s_churn < 0 or samp.s_noise <= 0 or samp.s_tmin > samp.s_tmax:
-    raise ValueError(f'sampling.s_churn={samp.s_churn}, .s_noise={samp.s_noise}, '
-                     f'.s_tmin={samp.s_tmin}, .s_tmax={samp.s_tmax}: need s_churn >= 0, '
-                     's_noise > 0 and s_tmin <= s_tmax (EDM: 40, 1.003, 0.05, 50 on ImageNet).')
+  if not process.discrete and samp.spacing not in timesteps.CONTINUOUS_SPACINGS:
+    raise ValueError(f'sampling.spacing={samp.spacing!r} picks integer timesteps of the ddpm '
+                     f'process; on diffusion.process={process.name} choose one of '
+                     f'{timesteps.CONTINUOUS_SPACINGS}.')
+  if samp.s_tmin > samp.s_tmax:
+    raise ValueError(f'sampling.s_tmin={samp.s_tmin} and .s_tmax={samp.s_tmax}: need s_tmin <= '
+                     's_tmax (EDM: 0.05 and 50 on ImageNet).')
   interval = tuple(samp.guidance_interval)
-  if interval and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
+  if interval and not interval[0] < interval[1]:
     raise ValueError(f'sampling.guidance_interval={interval} must be () (everywhere) or '
                      '(lo, hi) with 0 <= lo < hi, noise levels sigma~ (EDM2: (0.28, 2.9)).')

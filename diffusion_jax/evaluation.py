@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import zipfile
 from typing import Callable
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import (config_checks, diffusion, files, generation, input_pipeline,
-                           metric_logging, parallel, task as task_lib)
+                           metric_logging, parallel, stop_signals, task as task_lib)
 from diffusion_jax.metrics import feature_distances, inception, inception_weights
 
 REFERENCE_STATS = 'reference_stats.npz'  # mu, sigma: pytorch-fid's statistics format
@@ -101,18 +102,20 @@ def reference_statistics(config, workdir: str, features_fn) -> tuple:
   return mu, sigma, feats
 
 
-def sample_quality(config, task, mesh, params, workdir: str) -> dict:
-  """FID (and KID when the reference features are known) of eval.num_samples samples."""
+def sample_quality(config, task, mesh, params, workdir: str,
+                   stop: stop_signals.StopFlag | None = None) -> dict:
+  """FID (and KID when the reference features are known) of eval.num_samples samples; a signal
+  set in `stop` interrupts it (`stop_signals.Interrupted`)."""
   ev = config.eval
   inception_params = inception_weights.load_inception_params(ev.inception_path)
-  features_fn = inception.make_features_fn(inception_params, ev.inception_batch_size)
+  features_fn = inception.make_features_fn(inception_params, ev.inception_batch_size, stop)
   mu_ref, sigma_ref, ref_features = reference_statistics(config, workdir, features_fn)
 
   generate = generation.make_generate_fn(config, task, mesh)
   start = time.perf_counter()
   # Every process generates (the sampler is one program over all devices) and gets all samples.
   x = generate(params, jax.random.PRNGKey(config.sampling.seed), ev.num_samples,
-               log_progress=True)
+               log_progress=True, stop=stop)
   sample_seconds = time.perf_counter() - start
   feats = features_fn(x[i:i + 500] for i in range(0, len(x), 500))
   mu, sigma = feature_distances.feature_statistics(feats)
@@ -146,8 +149,9 @@ def make_bpd_fn(config, task, mesh) -> Callable:
   return jax.jit(bpd, in_shardings=(rep, shard, shard, rep), out_shardings=rep)
 
 
-def bits_per_dim(config, task, mesh, params) -> float:
-  """Mean bits/dim over eval.bpd_num_examples held-out images."""
+def bits_per_dim(config, task, mesh, params, stop: stop_signals.StopFlag | None = None) -> float:
+  """Mean bits/dim over eval.bpd_num_examples held-out images; a signal set in `stop`
+  interrupts it (`stop_signals.Interrupted`)."""
   ev = config.eval
   count = ev.bpd_num_examples
   x, labels, _ = input_pipeline.held_out_images(config, count)
@@ -161,14 +165,15 @@ def bits_per_dim(config, task, mesh, params) -> float:
   num_batches = -(-len(x) // per_host)
   progress = metric_logging.Progress(num_batches, items_per_step=per_host * jax.process_count(),
                                      unit='batch', label='bits/dim')
+  fetch = stop.fetch if stop is not None else jax.device_get
   values = []
   for b in range(num_batches):
     i = b * per_host
     rows = parallel.pad_rows({'x': x[i:i + per_host], 'label': labels[i:i + per_host]},
                              per_host)
     batch = parallel.host_to_global(rows, sharding)
-    out = np.asarray(jax.device_get(bpd_fn(params, batch['x'], batch['label'],
-                                           jax.random.fold_in(rng, i))))
+    out = np.asarray(fetch(bpd_fn(params, batch['x'], batch['label'],
+                                  jax.random.fold_in(rng, i))))
     place = i + np.arange(per_host)
     real = np.concatenate([place < n for n in sizes])
     values.append(out[real])
@@ -184,8 +189,15 @@ def bits_per_dim(config, task, mesh, params) -> float:
 def evaluate(config, workdir: str) -> dict:
   """--mode=eval: FID/KID (with eval.inception_path) and bits/dim (with eval.bpd_num_examples).
 
-  Returns the results, also written to `<workdir>/eval/results.json` and metrics.jsonl.
+  Returns the results, also written to `<workdir>/eval/results.json` and metrics.jsonl. SIGINT
+  or SIGTERM stops it within a fraction of a second (`stop_signals.Interrupted`), leaving the
+  earlier results and the reference cache as they were.
   """
+  with stop_signals.StopFlag((signal.SIGINT, signal.SIGTERM)) as stop:
+    return _evaluate(config, workdir, stop)
+
+
+def _evaluate(config, workdir: str, stop: stop_signals.StopFlag) -> dict:
   ev = config.eval
   if config.data.source == 'toy2d':
     raise ValueError('--mode=eval measures images (FID, bits/dim of 8-bit data); data.source='
@@ -201,20 +213,22 @@ def evaluate(config, workdir: str) -> dict:
   mesh = parallel.create_mesh()
   config_checks.validate(config, mesh.size, mode='eval')
   task = task_lib.create_task(config)
+  config_checks.validate_labels(config, task.info.num_classes)
   ckpt = config.sampling.checkpoint_step
   params, step = task_lib.restore_ema_params(config, task, mesh, workdir,
                                              None if ckpt < 0 else ckpt)
   results = {'step': step}
   if want_fid:
-    results.update(sample_quality(config, task, mesh, params, workdir))
+    results.update(sample_quality(config, task, mesh, params, workdir, stop))
     results.update(num_samples=ev.num_samples, num_reference=ev.num_reference)
   if want_bpd:
     start = time.perf_counter()
-    results['bits_per_dim'] = bits_per_dim(config, task, mesh, params)
+    results['bits_per_dim'] = bits_per_dim(config, task, mesh, params, stop)
     results['bpd_seconds'] = time.perf_counter() - start
     results['bpd_num_examples'] = ev.bpd_num_examples
   logging.info('eval at step %d: %s', step, ', '.join(
       f'{k}={v:.6g}' for k, v in results.items() if k != 'step'))
+  stop.check()  # nothing is written after a signal
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'eval', 'results.json'), results)
     writer = metric_logging.create_writer(workdir)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion, metric_logging, parallel, samplers, step_tables
+from diffusion_jax import (diffusion, metric_logging, parallel, samplers, step_tables,
+                           stop_signals)
 from diffusion_jax.task import Task
 
 
@@ -102,8 +103,9 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
   Runs the configured sampler (or `sampler` with `num_steps`, see `reverse_steps`) in global
   batches of sampling.batch_size, rounded up to a whole number per device and split over the
   mesh's devices. Sample i of a conditional model is of class `sample_labels(i, ...)`. With
-  `log_progress=True` each batch is logged with the rate and time left. `generate.num_calls`
-  is the number of network calls per sample.
+  `log_progress=True` each batch is logged with the rate and time left; with a `stop`
+  (`stop_signals.StopFlag`) a signal interrupts even one long batch (`stop_signals.Interrupted`).
+  `generate.num_calls` is the number of network calls per sample.
   """
   sc = config.sampling
   steps = reverse_steps(config, task, sampler=sampler, num_steps=num_steps)
@@ -122,14 +124,16 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
 
   compiled = jax.jit(run, static_argnums=3, out_shardings=parallel.replicated(mesh))
 
-  def generate(params, rng, n: int, *, log_progress: bool = False):
+  def generate(params, rng, n: int, *, log_progress: bool = False,
+               stop: stop_signals.StopFlag | None = None):
     batch = parallel.round_up(min(sc.batch_size, n), mesh.size)
     num_batches = math.ceil(n / batch)
     progress = metric_logging.Progress(num_batches, items_per_step=batch, unit='batch',
                                        label='sampling')
+    fetch = stop.fetch if stop is not None else jax.device_get
     outs = []
     for i in range(num_batches):
-      outs.append(jax.device_get(compiled(params, jax.random.fold_in(rng, i), i * batch, batch)))
+      outs.append(fetch(compiled(params, jax.random.fold_in(rng, i), i * batch, batch)))
       if log_progress:
         progress.log(i + 1)
     if return_trajectory:

@@ -125,6 +125,11 @@ NETWORK_DATA_FIELDS = ('source', 'name', 'image_size', 'channels', 'class_condit
                        'num_classes')
 
 
+def _plain(value):
+  """A config value as JSON holds it: sequences as lists."""
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
 def _flat(config) -> dict:
   """{'group.field': value} of a ConfigDict or dict, sequences as lists (as JSON has them)."""
   values = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
@@ -132,8 +137,16 @@ def _flat(config) -> dict:
   for group, fields in values.items():
     if isinstance(fields, dict):
       for name, value in fields.items():
-        out[f'{group}.{name}'] = list(value) if isinstance(value, (tuple, list)) else value
+        out[f'{group}.{name}'] = _plain(value)
   return out
+
+
+def changed_overrides(config_file: str, overrides: dict) -> dict:
+  """Of the command line's overrides ({'group.field': value}), those whose value differs from
+  the config file's own: an override that repeats the file's value changes nothing."""
+  own = _flat(config_from_file(config_file))
+  return {key: value for key, value in overrides.items()
+          if key not in own or own[key] != _plain(value)}
 
 
 def is_network_field(key: str) -> bool:

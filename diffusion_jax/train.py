@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
                            input_pipeline, metric_logging, parallel, posthoc_ema,
-                           processes, run_config, sources, task as task_lib,
+                           processes, run_config, sources, stop_signals, task as task_lib,
                            workdir_lock)
 from diffusion_jax.task import Task, TrainState
 
@@ -212,6 +212,8 @@ def _holding(workdir: str):
 def _train(config, workdir: str, mesh, writer) -> TrainState:
   tc = config.training
   task = task_lib.create_task(config)
+  if tc.sample_every > 0:
+    config_checks.validate_labels(config, task.info.num_classes)  # the previews' labels
   if config.data.class_conditional and not config.data.num_classes:
     # Recorded as read from the data, so that sampling needs no access to them.
     config = config.copy_and_resolve_references()
@@ -268,7 +270,7 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
           'training.learning_rate, enable training.grad_clip, or check the data.')
     return values
 
-  with checkpointing.PreemptionFlag() as preempted:
+  with stop_signals.StopFlag() as preempted:
     while step < tc.num_steps:
       state, metrics = p_train_step(state, next(batches))
       step += k

@@ -6,12 +6,14 @@ round trip, grayscale to RGB, features, reference statistics and their cache, FI
 
 import json
 import os
+import pathlib
+import signal
 
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from diffusion_jax import evaluation, metric_logging, train
+from diffusion_jax import evaluation, metric_logging, stop_signals, train
 from diffusion_jax.metrics import inception, inception_weights
 from tests.conftest import tiny_image_config
 from tests.test_train import ListWriter
@@ -118,3 +120,34 @@ def test_an_unreadable_reference_cache_is_computed_again(trained, tmp_path, capl
   with caplog.at_level('INFO'):
     evaluation.reference_statistics(config, workdir, features_fn)
   assert 'from the cache' in caplog.text  # rewritten whole
+
+
+class SignalledAtFirstWait(stop_signals.StopFlag):
+  """A StopFlag whose signal comes while the first device computation is still running."""
+
+  def fetch(self, tree):
+    self._handle(signal.SIGINT, None)
+    return super().fetch(tree)
+
+
+def listing(folder) -> dict:
+  """{file name: its bytes} of a folder."""
+  return {path.name: path.read_bytes() for path in sorted(pathlib.Path(folder).iterdir())}
+
+
+def test_a_signal_stops_evaluation_and_leaves_its_files_as_they_were(trained, inception_npz,
+                                                                      monkeypatch):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.inception_path = inception_npz
+  config.eval.update(num_samples=8, num_reference=8, inception_batch_size=8, kid_subset_size=8,
+                     kid_num_subsets=5, bpd_num_examples=4, bpd_batch_size=4)
+  evaluation.evaluate(config, workdir)  # results and the reference cache as they are
+  before = listing(os.path.join(workdir, 'eval')), len(metric_logging.read_metrics(workdir))
+  monkeypatch.setattr(stop_signals, 'StopFlag', SignalledAtFirstWait)
+  for fid in (True, False):  # stopped while sampling for FID, or in the bits/dim batches
+    config.eval.inception_path = inception_npz if fid else ''
+    with pytest.raises(stop_signals.Interrupted, match='stopped by SIGINT'):
+      evaluation.evaluate(config, workdir)
+    assert (listing(os.path.join(workdir, 'eval')),
+            len(metric_logging.read_metrics(workdir))) == before

@@ -1,13 +1,17 @@
 """End to end through launch.py, as a user runs it (subprocesses)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from diffusion_jax import config_fields, run_config, train
 from tests.conftest import tiny_image_config, tiny_toy_config
+from tests.test_train import ListWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,10 +26,13 @@ def launch(*args, devices=1, timeout=600):
 
 
 def overrides(config):
-  """--config.x.y=v flags that turn a shipped config into the given tiny one."""
+  """--config.x.y=v flags that turn a shipped config into the given tiny one: the fields a run
+  of it uses (launch.py refuses the others)."""
   flags = []
   for group in ('data', 'model', 'diffusion', 'training', 'sampling'):
     for key, value in config[group].items():
+      if not any(config_fields.applies(config, f'{group}.{key}', m) for m in ('train', 'sample')):
+        continue
       if isinstance(value, tuple):
         value = '(' + ','.join(str(v) for v in value) + (',)' if len(value) == 1 else ')')
       flags.append(f'--config.{group}.{key}={value}')
@@ -65,7 +72,9 @@ def test_train_then_sample_digits(tmp_path):
 
 def test_train_then_sample_toy2d(tmp_path):
   workdir = str(tmp_path)
-  flags = ['--config=configs/toy2d.py', f'--workdir={workdir}'] + overrides(tiny_toy_config())
+  config = tiny_toy_config()
+  config.sampling.sampler = 'ddpm'  # sampled below with DDPM's own T steps
+  flags = ['--config=configs/toy2d.py', f'--workdir={workdir}'] + overrides(config)
   out = launch(*flags)
   # One log line per log step (log_every=2 of 4 steps), holding every metric and the rates.
   lines = [line for line in out.splitlines() if 'step 2/4' in line or 'step 4/4' in line
@@ -74,7 +83,7 @@ def test_train_then_sample_toy2d(tmp_path):
   for line in lines:
     assert all(part in line for part in ('  loss ', 'grad_norm', 'learning_rate', 'steps/s',
                                          'img/s', 'ETA')), line
-  launch(*flags, '--mode=sample', '--config.sampling.sampler=ddpm')
+  launch(*flags, '--mode=sample')
   with np.load(os.path.join(workdir, 'samples', 'samples.npz')) as f:
     assert f['points'].shape == (64, 2) and f['points'].dtype == np.float32
 
@@ -107,3 +116,91 @@ def test_flow_and_edm_configs_train_and_sample(tmp_path, name):
   assert 'heun, 5 network calls per sample' in out
   with np.load(os.path.join(tmp_path, 'samples', 'samples.npz')) as f:
     assert f['images'].shape == (4, 8, 8, 1)
+
+
+def refused(*args, cwd=ROOT) -> str:
+  """launch.py's last line for a command that must fail, checked to be its own one line."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=cwd,
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode != 0, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith('launch.py'), proc.stderr[-3000:]
+  return line
+
+
+def test_the_front_door_names_the_flag_or_file_in_one_line(tmp_path):
+  bad = tmp_path / 'bad.py'
+  bad.write_text('def get_config(:\n  pass\n')
+  w = f'--workdir={tmp_path / "w"}'
+  digits = '--config=configs/digits.py'
+  cases = [
+      ([w], '--config is required'),
+      (['--config=configs/nowhere.py', w], '--config=configs/nowhere.py: no such file'),
+      ([f'--config={bad}', w], f'--config={bad}, line 1: SyntaxError'),
+      ([digits, w, '--config.sampling.nope=1'], 'sampling.nope is not a setting'),
+      ([digits, w, '--config.training.num_steps=abc'],
+       '--config.training.num_steps=abc: invalid literal'),
+      ([digits, w, '--config.training.num_steps=-3'],
+       'training.num_steps=-3 is outside its domain'),
+      ([digits, '--wokdir=/tmp/x'], "Unknown command line flag 'wokdir'"),
+      ([digits], '--mode=train needs --workdir'),
+  ]
+  for args, expected in cases:
+    line = refused(*args)
+    assert expected in line, (args, line)
+  assert not os.path.exists(tmp_path / 'w')  # nothing was written
+
+
+def test_sampling_settings_are_checked_against_the_run(tmp_path):
+  """The examples of settings that do not fit the run: each one line naming the setting."""
+  conditional = tiny_image_config()
+  conditional.data.class_conditional, conditional.data.num_classes = True, 10
+  for name, config in (('cond', conditional), ('uncond', tiny_image_config())):
+    os.makedirs(tmp_path / name)
+    run_config.record_config(config, str(tmp_path / name), resumed_at=None, changes={})
+  sample = ['--config=configs/digits.py', '--mode=sample']
+  line = refused(*sample, f'--workdir={tmp_path / "cond"}', '--config.sampling.label=15')
+  assert "sampling.label=15 is beyond the run's 10 classes" in line
+  line = refused(*sample, f'--workdir={tmp_path / "uncond"}', '--config.sampling.guidance_scale=3')
+  assert line.startswith('launch.py --mode=sample: ValueError: --config.sampling.guidance_scale=3')
+  assert 'data.class_conditional' in line
+  line = refused(*sample, f'--workdir={tmp_path / "uncond"}', '--config.sampling.num_samples=-5')
+  assert 'sampling.num_samples=-5 is outside its domain' in line
+  assert os.listdir(tmp_path / 'uncond') == ['config.json']  # nothing was written
+
+
+def test_ctrl_c_stops_a_long_sampling_batch_and_keeps_the_earlier_samples(tmp_path):
+  config = tiny_toy_config()
+  config.diffusion.num_timesteps = 1000
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir, writer=ListWriter())
+  earlier = tmp_path / 'samples' / 'samples.npz'
+  os.makedirs(earlier.parent, exist_ok=True)
+  earlier.write_bytes(b'the samples of an earlier run')
+  log = tmp_path / 'sample.log'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  with open(log, 'w') as out:
+    # DDPM over 1,000 steps for 400,000 points in one batch: far longer than the test waits.
+    proc = subprocess.Popen(
+        [sys.executable, 'launch.py', '--config=configs/toy2d.py', f'--workdir={workdir}',
+         '--mode=sample', '--config.sampling.sampler=ddpm',
+         '--config.sampling.num_samples=400000', '--config.sampling.batch_size=400000'],
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while 'Sampling 400000 samples' not in log.read_text() and time.monotonic() < deadline:
+      assert proc.poll() is None, log.read_text()[-3000:]
+      time.sleep(0.2)
+    time.sleep(3)  # into the batch
+    assert proc.poll() is None, log.read_text()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    code = proc.wait(timeout=60)
+  waited = time.monotonic() - sent
+  text = log.read_text()
+  assert code == 130 and waited < 10, (code, waited, text[-3000:])
+  assert 'sampling batch 1/1' not in text  # the one batch never finished
+  assert 'stopped by SIGINT; nothing was written' in text.strip().splitlines()[-1]
+  assert sorted(os.listdir(earlier.parent)) == ['samples.npz']
+  assert earlier.read_bytes() == b'the samples of an earlier run'

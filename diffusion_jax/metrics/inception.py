@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import images, parallel
+from diffusion_jax import images, parallel, stop_signals
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -232,21 +232,23 @@ def to_inception_input(x: np.ndarray) -> np.ndarray:
   return x
 
 
-def make_features_fn(params: Params, batch_size: int) -> Callable[[Iterable[np.ndarray]],
-                                                                  np.ndarray]:
+def make_features_fn(params: Params, batch_size: int, stop: stop_signals.StopFlag | None = None,
+                     ) -> Callable[[Iterable[np.ndarray]], np.ndarray]:
   """features(chunks) -> float64 [N, 2048] for an iterable of float [n, H, W, C] in [-1, 1].
 
   Every call runs in batches of `batch_size` rounded up to a multiple of this process's device
-  count, split over those devices; the last batch is padded, so one shape compiles once.
+  count, split over those devices; the last batch is padded, so one shape compiles once. With a
+  `stop` flag a signal interrupts it between and inside batches (`stop_signals.Interrupted`).
   """
   local = parallel.create_mesh(jax.local_devices())
   batch = parallel.round_up(batch_size, local.size)
   sharding = parallel.batch_sharding(local)
   feature_fn = make_feature_fn(params)
+  fetch = stop.fetch if stop is not None else jax.device_get
 
   def run(x: np.ndarray) -> np.ndarray:
     padded = parallel.pad_rows(x, batch)
-    return np.asarray(feature_fn(jax.device_put(padded, sharding)), np.float64)[:len(x)]
+    return np.asarray(fetch(feature_fn(jax.device_put(padded, sharding))), np.float64)[:len(x)]
 
   def features(chunks) -> np.ndarray:
     out, pending = [], []

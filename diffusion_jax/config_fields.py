@@ -1,0 +1,395 @@
+"""Every config field's domain and where it applies, as data: one `Field` per field of
+`configs/default.py`.
+
+A field has a kind (int, float, bool, str, or a tuple of ints or floats), a domain (a range, a
+set of choices, a length), the modes that read it, and the conditions under which they do (the
+sampler that runs, the process, the architecture, the data source, whether the run has classes).
+
+Two checks use the table:
+- `check_domains(config)`: every field of a config, whatever its source, lies in its domain; an
+  unknown field (a typo in a config file) is named with the closest known ones.
+- `check_applies(config, mode, given)`: the settings given on the command line apply to the run.
+  The policy: **a setting given on the command line that the run cannot use is refused** with
+  one line naming it, what it is read with, and the fix: an option of a sampler the run does not
+  use, guidance or a label on a run without classes, a U-Net field of a DiT, a TFDS field of an
+  .npz source, an EDM noise range of another process. Settings of the run's other modes pass
+  (training.* when sampling, sampling.* when training: one command line serves every --mode);
+  values that come from a config file are not refused (a config may carry the options of
+  samplers it does not use); an override equal to the value it replaces changes nothing, and
+  one equal to the field's default asks for nothing (`--config.sampling.stochastic=False` with
+  DDIM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from typing import Callable, Optional
+
+from diffusion_jax import (diffusion, models, phema, posthoc_ema, processes, schedules, sources,
+                           step_tables, timesteps)
+from diffusion_jax.models import attention, dit
+
+MODES = ('train', 'sample', 'eval', 'summary')
+PREVIEW = 'preview'  # read by training's preview samples (training.sample_every > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a condition looks at: the config and the mode it runs in."""
+  config: object
+  mode: str
+
+  def value(self, path: str):
+    group, _, name = path.partition('.')
+    return self.config[group][name]
+
+  @property
+  def samplers(self) -> tuple:
+    """The samplers this run uses: sampling.sampler, and in training also the previews'."""
+    sc = self.config.sampling
+    previews = self.mode == 'train' and self.config.training.sample_every > 0
+    return (sc.sampler, sc.preview_sampler) if previews else (sc.sampler,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  holds: Callable[[Run], bool]
+  text: str  # what it needs, for the error: '{sampler} in (dpm_solver++, unipc)'
+
+  def describe(self, run: Run) -> str:
+    """The text, naming the sampler fields of the run's mode."""
+    return self.text.format(sampler=' or '.join(
+        ('sampling.sampler', 'sampling.preview_sampler')[:len(run.samplers)]))
+
+
+def when(path: str, *values) -> Condition:
+  """The field `path` has one of `values`; path 'sampler': a sampler the run uses does."""
+  get = (lambda run: run.samplers) if path == 'sampler' else (lambda run: (run.value(path),))
+  name = '{sampler}' if path == 'sampler' else path
+  shown = ', '.join(str(v) if v != '' else "''" for v in values)
+  return Condition(lambda run: any(v in values for v in get(run)),
+                   f'{name}={shown}' if len(values) == 1 else f'{name} in ({shown})')
+
+
+def either(*conditions: Condition) -> Condition:
+  return Condition(lambda run: any(c.holds(run) for c in conditions),
+                   ' or '.join(c.text for c in conditions))
+
+
+def both(*conditions: Condition) -> Condition:
+  return Condition(lambda run: all(c.holds(run) for c in conditions),
+                   ' and '.join(c.text for c in conditions))
+
+
+def is_set(path: str, text: str) -> Condition:
+  """`path` is truthy (a non-empty tuple or string, a non-zero number)."""
+  return Condition(lambda run: bool(run.value(path)), text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """kind: int | float | bool | str | (int,) | (float,) (a tuple of those);
+  choices: the allowed values; lo, hi: a closed range unless lo_open / hi_open (for tuples: of
+  every element); lengths: allowed tuple lengths; read_by: modes (and PREVIEW); needs: the
+  conditions under which they read it."""
+  kind: object
+  read_by: tuple
+  choices: Optional[tuple] = None
+  lo: Optional[float] = None
+  hi: Optional[float] = None
+  lo_open: bool = False
+  hi_open: bool = False
+  lengths: Optional[tuple] = None
+  needs: tuple = ()
+
+  def domain(self) -> str:
+    """The domain in words: 'an int >= 1', "one of ('small', 'large')"."""
+    if self.choices is not None:
+      return f'one of {self.choices}'
+    element = self.kind[0] if isinstance(self.kind, tuple) else self.kind
+    text = {int: 'an int', float: 'a number', bool: 'True or False', str: 'a string'}[element]
+    if self.lo is not None and self.hi is not None:
+      text += (f' in {"(" if self.lo_open else "["}{self.lo:g}, {self.hi:g}'
+               f'{")" if self.hi_open else "]"}')
+    elif self.lo is not None:
+      text += f' {">" if self.lo_open else ">="} {self.lo:g}'
+    if isinstance(self.kind, tuple):
+      count = ''
+      if self.lengths:
+        count = (f'{self.lengths[0]} to {self.lengths[-1]} ' if len(self.lengths) > 2
+                 else ' or '.join(map(str, self.lengths)) + ' ')
+      text = f'a tuple of {count}{text.replace("an int", "ints").replace("a number", "numbers")}'
+    return text
+
+  def problem(self, value) -> Optional[str]:
+    """Why `value` is outside the domain, or None."""
+    if isinstance(self.kind, tuple):
+      if not isinstance(value, (tuple, list)):
+        return 'not a tuple'
+      if self.lengths and len(value) not in self.lengths:
+        return f'{len(value)} elements'
+      return next((p for p in map(self._scalar_problem, value) if p), None)
+    return self._scalar_problem(value)
+
+  def _scalar_problem(self, value) -> Optional[str]:
+    element = self.kind[0] if isinstance(self.kind, tuple) else self.kind
+    numeric = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    expected = {bool: isinstance(value, bool), str: isinstance(value, str), float: numeric,
+                int: numeric and isinstance(value, numbers.Integral)}[element]
+    if not expected:
+      return f'not {"an int" if element is int else "a number" if element is float else element}'
+    if self.choices is not None and value not in self.choices:
+      return 'not among the choices'
+    if numeric and math.isnan(value):
+      return 'NaN'
+    if self.lo is not None and (value < self.lo or self.lo_open and value == self.lo):
+      return 'too small'
+    if self.hi is not None and (value > self.hi or self.hi_open and value == self.hi):
+      return 'too large'
+    return None
+
+
+ALL = MODES
+NETWORK = MODES  # what the network is: every mode builds it
+LOADING = ('train', 'eval')  # reading the data set
+TRAINING = ('train', 'summary')
+SAMPLING = ('sample', 'eval', PREVIEW)
+
+TFDS = when('data.source', 'tfds')
+IMAGES = when('data.source', 'tfds', 'folder', 'npz', 'digits')
+UNET, DIT, MLP = (when('model.architecture', a) for a in ('unet', 'dit', 'mlp'))
+DIT_SIZED_BY_FIELDS = both(DIT, when('model.preset', ''))
+CONDITIONAL = is_set('data.class_conditional', 'a class-conditional run (data.class_conditional)')
+STEPPED = tuple(s for s in step_tables.SAMPLERS if s != 'ddpm')  # ddpm runs all T steps
+NOT_DDPM = when('sampler', *STEPPED)
+PHEMA = is_set('training.phema_sigma_rels', 'post-hoc EMA (training.phema_sigma_rels)')
+FID = is_set('eval.inception_path', 'FID (eval.inception_path)')
+BPD = Condition(lambda run: run.config.eval.bpd_num_examples > 0,
+                'bits/dim (eval.bpd_num_examples > 0)')
+INT, POSITIVE_INT = dict(kind=int), dict(kind=int, lo=1)
+POSITIVE = dict(kind=float, lo=0.0, lo_open=True)
+FRACTION = dict(kind=float, lo=0.0, hi=1.0, hi_open=True)  # [0, 1)
+
+FIELDS = {
+    'data.source': Field(str, ALL, choices=sources.SOURCES),
+    'data.name': Field(str, ALL, needs=(when('data.source', 'tfds', 'toy2d'),)),
+    'data.splits': Field(str, LOADING, needs=(TFDS,)),
+    'data.eval_splits': Field(str, ('eval',), needs=(TFDS,)),
+    'data.data_dir': Field(str, ALL, needs=(TFDS,)),
+    'data.download': Field(bool, LOADING, needs=(TFDS,)),
+    'data.path': Field(str, ALL, needs=(when('data.source', 'folder', 'npz'),)),
+    'data.image_size': Field(read_by=ALL, needs=(IMAGES,), **POSITIVE_INT),
+    'data.channels': Field(read_by=ALL, needs=(IMAGES,), **POSITIVE_INT),
+    'data.random_flip': Field(bool, ('train',), needs=(IMAGES,)),
+    'data.class_conditional': Field(bool, ALL),
+    'data.num_classes': Field(read_by=ALL, lo=0, needs=(CONDITIONAL,), **INT),
+    'data.num_points': Field(read_by=('train',), needs=(when('data.source', 'toy2d'),),
+                             **POSITIVE_INT),
+    'data.num_threads': Field(read_by=LOADING, lo=0, **INT),
+    'data.num_workers': Field(read_by=LOADING, lo=0, **INT),
+    'data.prefetch': Field(read_by=('train',), lo=0, **INT),
+    'data.check_images': Field(bool, LOADING, needs=(when('data.source', 'folder'),)),
+
+    'model.architecture': Field(str, NETWORK, choices=models.ARCHITECTURES),
+    'model.channels': Field(read_by=NETWORK, needs=(UNET,), **POSITIVE_INT),
+    'model.channel_mult': Field((int,), NETWORK, lo=1, lengths=tuple(range(1, 9)),
+                                needs=(UNET,)),
+    'model.num_res_blocks': Field(read_by=NETWORK, needs=(UNET,), **POSITIVE_INT),
+    'model.attention_resolutions': Field((int,), NETWORK, lo=1, needs=(UNET,)),
+    'model.num_heads': Field(read_by=NETWORK, needs=(either(UNET, DIT_SIZED_BY_FIELDS),),
+                             **POSITIVE_INT),
+    'model.head_dim': Field(read_by=NETWORK, lo=0, needs=(UNET,), **INT),
+    'model.dropout': Field(read_by=NETWORK, needs=(UNET,), **FRACTION),
+    'model.scale_shift': Field(bool, NETWORK, needs=(UNET,)),
+    'model.num_groups': Field(read_by=NETWORK, needs=(UNET,), **POSITIVE_INT),
+    'model.dtype': Field(str, NETWORK, choices=('float32', 'bfloat16')),
+    'model.attention': Field(str, NETWORK, choices=attention.IMPLEMENTATIONS,
+                             needs=(either(UNET, DIT),)),
+    'model.hidden': Field(read_by=NETWORK, needs=(either(MLP, DIT_SIZED_BY_FIELDS),),
+                          **POSITIVE_INT),
+    'model.num_layers': Field(read_by=NETWORK, needs=(either(MLP, DIT_SIZED_BY_FIELDS),),
+                              **POSITIVE_INT),
+    'model.preset': Field(str, NETWORK, choices=('',) + tuple(dit.PRESETS), needs=(DIT,)),
+    'model.patch_size': Field(read_by=NETWORK, needs=(DIT,), **POSITIVE_INT),
+    'model.mlp_ratio': Field(read_by=NETWORK, needs=(DIT,), **POSITIVE),
+    'model.qk_norm': Field(bool, NETWORK, needs=(DIT,)),
+    'model.rope': Field(bool, NETWORK, needs=(DIT,)),
+
+    'diffusion.process': Field(str, NETWORK, choices=processes.PROCESSES),
+    'diffusion.schedule': Field(str, NETWORK, choices=tuple(dict.fromkeys(
+        schedules.SCHEDULES + processes.VP_SCHEDULES)), needs=(when('diffusion.process', 'ddpm',
+                                                                    'vp'),)),
+    'diffusion.schedule_kwargs': Field(str, NETWORK, needs=(when('diffusion.process', 'ddpm'),)),
+    'diffusion.num_timesteps': Field(read_by=NETWORK, lo=2, needs=(
+        when('diffusion.process', 'ddpm'),), **INT),
+    'diffusion.sigma_min': Field(read_by=NETWORK, needs=(when('diffusion.process', 'edm'),),
+                                 **POSITIVE),
+    'diffusion.sigma_max': Field(read_by=NETWORK, needs=(when('diffusion.process', 'edm'),),
+                                 **POSITIVE),
+    'diffusion.sigma_data': Field(read_by=NETWORK, **POSITIVE),
+    'diffusion.prediction_type': Field(str, NETWORK, choices=diffusion.PREDICTION_TYPES),
+    'diffusion.loss': Field(str, TRAINING, choices=diffusion.LOSS_TYPES),
+    'diffusion.loss_weighting': Field(str, TRAINING, choices=diffusion.LOSS_WEIGHTINGS),
+    'diffusion.min_snr_gamma': Field(read_by=TRAINING, needs=(
+        when('diffusion.loss_weighting', 'min_snr'),), **POSITIVE),
+    'diffusion.sigmoid_bias': Field(float, TRAINING, needs=(
+        when('diffusion.loss_weighting', 'sigmoid'),)),
+
+    'training.batch_size': Field(read_by=TRAINING, **POSITIVE_INT),
+    'training.num_steps': Field(read_by=TRAINING, **POSITIVE_INT),
+    'training.learning_rate': Field(read_by=TRAINING, **POSITIVE),
+    'training.lr_schedule': Field(str, TRAINING, choices=('constant', 'cosine')),
+    'training.warmup_steps': Field(read_by=TRAINING, lo=0, **INT),
+    'training.b1': Field(read_by=TRAINING, **FRACTION),
+    'training.b2': Field(read_by=TRAINING, **FRACTION),
+    'training.eps': Field(read_by=TRAINING, **POSITIVE),
+    'training.weight_decay': Field(float, TRAINING, lo=0.0),
+    'training.grad_clip': Field(float, TRAINING, lo=0.0),
+    'training.ema_decay': Field(read_by=TRAINING, **FRACTION),
+    'training.ema_warmup': Field(bool, TRAINING),
+    'training.phema_sigma_rels': Field((float,), TRAINING, lo=0.0, lo_open=True,
+                                       hi=phema.MAX_SIGMA_REL),
+    'training.phema_snapshot_every': Field(read_by=TRAINING, needs=(PHEMA,), **POSITIVE_INT),
+    'training.phema_dtype': Field(str, TRAINING, choices=tuple(posthoc_ema.DTYPES),
+                                  needs=(PHEMA,)),
+    'training.label_dropout': Field(float, TRAINING, lo=0.0, hi=1.0, needs=(CONDITIONAL,)),
+    'training.seed': Field(int, TRAINING),
+    'training.time_sampling': Field(str, TRAINING, choices=processes.TIME_SAMPLINGS),
+    'training.logit_normal_mean': Field(float, TRAINING, needs=(
+        when('training.time_sampling', 'logit_normal'),)),
+    'training.logit_normal_std': Field(read_by=TRAINING, needs=(
+        when('training.time_sampling', 'logit_normal'),), **POSITIVE),
+    'training.lognormal_mean': Field(float, TRAINING, needs=(
+        when('training.time_sampling', 'lognormal'),)),
+    'training.lognormal_std': Field(read_by=TRAINING, needs=(
+        when('training.time_sampling', 'lognormal'),), **POSITIVE),
+    'training.time_shift': Field(read_by=TRAINING, **POSITIVE),
+    'training.steps_per_call': Field(read_by=TRAINING, **POSITIVE_INT),
+    'training.log_every': Field(read_by=('train',), **POSITIVE_INT),
+    'training.sample_every': Field(read_by=('train',), lo=0, **INT),
+    'training.checkpoint_every': Field(read_by=('train',), **POSITIVE_INT),
+    'training.keep_checkpoints': Field(read_by=('train',), **POSITIVE_INT),
+
+    'sampling.sampler': Field(str, ('sample', 'eval'), choices=step_tables.SAMPLERS),
+    'sampling.num_steps': Field(read_by=('sample', 'eval'), needs=(
+        when('sampling.sampler', *STEPPED),), **POSITIVE_INT),
+    'sampling.eta': Field(float, SAMPLING, lo=0.0, hi=1.0, needs=(when('sampler', 'ddim'),)),
+    'sampling.solver_order': Field(int, SAMPLING, choices=tuple(
+        range(1, step_tables.MAX_ORDER + 1)), needs=(when('sampler', 'dpm_solver++', 'unipc'),)),
+    'sampling.stochastic': Field(bool, SAMPLING, needs=(when('sampler', 'dpm_solver++'),)),
+    'sampling.spacing': Field(str, SAMPLING, choices=timesteps.SPACINGS, needs=(NOT_DDPM,)),
+    'sampling.time_shift': Field(read_by=SAMPLING, needs=(NOT_DDPM, when('sampling.spacing',
+                                                                         'shifted')),
+                                 **POSITIVE),
+    'sampling.s_churn': Field(float, SAMPLING, lo=0.0, needs=(when('sampler', 'edm'),)),
+    'sampling.s_tmin': Field(float, SAMPLING, lo=0.0, needs=(when('sampler', 'edm'),)),
+    'sampling.s_tmax': Field(float, SAMPLING, lo=0.0, needs=(when('sampler', 'edm'),)),
+    'sampling.s_noise': Field(read_by=SAMPLING, needs=(when('sampler', 'edm'),), **POSITIVE),
+    'sampling.variance': Field(str, SAMPLING, choices=('small', 'large'),
+                               needs=(either(when('sampler', 'ddpm'), BPD),)),
+    'sampling.clip_x0': Field(float, SAMPLING, lo=0.0),
+    'sampling.guidance_scale': Field(float, SAMPLING, lo=0.0, needs=(CONDITIONAL,)),
+    'sampling.guidance_interval': Field((float,), SAMPLING, lo=0.0, lengths=(0, 2),
+                                        needs=(CONDITIONAL,)),
+    'sampling.label': Field(read_by=SAMPLING, lo=-1, needs=(CONDITIONAL,), **INT),
+    'sampling.num_samples': Field(read_by=('sample',), **POSITIVE_INT),
+    'sampling.batch_size': Field(read_by=SAMPLING, **POSITIVE_INT),
+    'sampling.seed': Field(int, SAMPLING),
+    'sampling.checkpoint_step': Field(read_by=('sample', 'eval'), lo=-1, **INT),
+    'sampling.ema_sigma_rel': Field(float, ('sample', 'eval'), lo=0.0, hi=phema.MAX_SIGMA_REL),
+    'sampling.trajectory': Field(bool, ('sample',)),
+    'sampling.preview_samples': Field(read_by=(PREVIEW,), **POSITIVE_INT),
+    'sampling.preview_sampler': Field(str, (PREVIEW,), choices=step_tables.SAMPLERS),
+    'sampling.preview_steps': Field(read_by=(PREVIEW,), needs=(
+        when('sampling.preview_sampler', *STEPPED),), **POSITIVE_INT),
+
+    'parallel.fsdp': Field(read_by=TRAINING, **POSITIVE_INT),
+
+    'eval.num_samples': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
+    'eval.inception_path': Field(str, ('eval',)),
+    'eval.reference_stats': Field(str, ('eval',), needs=(FID,)),
+    'eval.num_reference': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
+    'eval.bpd_num_examples': Field(read_by=('eval',), lo=0, **INT),
+    'eval.bpd_batch_size': Field(read_by=('eval',), needs=(BPD,), **POSITIVE_INT),
+    'eval.inception_batch_size': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
+    'eval.kid_subset_size': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
+    'eval.kid_num_subsets': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
+}
+
+
+def _same(a, b) -> bool:
+  """Equal config values, a tuple equal to the list JSON makes of it."""
+  plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+  return plain(a) == plain(b)
+
+
+def _flat(config) -> dict:
+  """{'group.field': value} of a ConfigDict's two levels."""
+  out = {}
+  for group, fields in config.items():
+    if hasattr(fields, 'items'):
+      for name, value in fields.items():
+        out[f'{group}.{name}'] = value
+    else:
+      out[group] = fields
+  return out
+
+
+def unknown_field_error(path: str) -> ValueError:
+  close = difflib.get_close_matches(path, FIELDS, n=2, cutoff=0.8)
+  hint = f' (did you mean {" or ".join(close)}?)' if close else ''
+  return ValueError(f'{path} is not a setting{hint}; every field and its default are in '
+                    'configs/default.py.')
+
+
+def check_domains(config) -> None:
+  """Raises ValueError, in one line naming the field, its value and its domain, for the first
+  field outside its domain or not known at all."""
+  for path, value in _flat(config).items():
+    field = FIELDS.get(path)
+    if field is None:
+      raise unknown_field_error(path)
+    problem = field.problem(value)
+    if problem:
+      raise ValueError(f'{path}={value!r} is outside its domain ({problem}): it must be '
+                       f'{field.domain()}.')
+
+
+def applies(config, path: str, mode: str) -> bool:
+  """Whether a run of `config` in `mode` uses the field `path`."""
+  return all(c.holds(Run(config, mode)) for c in FIELDS[path].needs)
+
+
+def check_applies(config, mode: str, given: dict, defaults=None) -> None:
+  """Raises ValueError, in one line, for the first setting of `given` ({'group.field': value},
+  the command line's overrides that change the config) that the run cannot use; a value equal
+  to the field's default in `defaults` (configs/default.py's config) is never refused."""
+  run = Run(config, mode)
+  for path, value in given.items():
+    field = FIELDS.get(path)
+    if field is None:
+      raise unknown_field_error(path)
+    if defaults is not None and _same(value, _flat(defaults).get(path)):
+      continue
+    unmet = [c.describe(run) for c in field.needs if not c.holds(run)]
+    if unmet:
+      raise ValueError(f'--config.{path}={value}: this run does not use {path}, which is read '
+                       f'only with {"; ".join(unmet)}. Drop it, or change that setting too.')
+
+
+def markdown_table() -> str:
+  """Every field as a row of docs/configuration.md's table (`python -m
+  diffusion_jax.config_fields` prints it; tests/test_config_fields.py keeps the page current)."""
+  rows = ['| field | domain | read by | read only with |', '| --- | --- | --- | --- |']
+  for path, field in FIELDS.items():
+    modes = ', '.join('training previews' if m == PREVIEW else m for m in field.read_by)
+    needs = '; '.join(c.text.format(sampler='the sampler') for c in field.needs)
+    rows.append(f'| `{path}` | {field.domain()} | {modes} | {needs} |')
+  return '\n'.join(rows) + '\n'
+
+
+if __name__ == '__main__':
+  print(markdown_table(), end='')
