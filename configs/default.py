@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3  # how many checkpoints to keep
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  # ddpm | ddim | dpm_solver++ | unipc | euler | heun | edm | euler_maruyama
+  # ddpm | ddim | dpm_solver++ | unipc | euler | heun | edm | euler_maruyama | adaptive (ODE)
   sampling.sampler = 'ddim'
   sampling.num_steps = 50  # steps: network calls, but heun / edm make 2 num_steps - 1 (ddpm: all T)
   sampling.eta = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
@@ -104,6 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.spacing = 'uniform'  # uniform (=leading on ddpm), linspace, karras, logsnr, shifted;
                                 # ddpm only: trailing, quadratic
   sampling.time_shift = 1.0  # spacing=shifted: SD3's shift (3.0 in SD3)
+  sampling.rtol = 1e-3  # adaptive: relative tolerance of the ODE solve's step control
+  sampling.atol = 1e-3  # adaptive: absolute tolerance (on x / alpha)
   sampling.s_churn = 0.0  # edm sampler: S_churn (EDM Algorithm 2)
   sampling.s_tmin = 0.0  # edm sampler: churn only for sigma~ in [s_tmin, s_tmax]
   sampling.s_tmax = float('inf')
@@ -133,6 +135,11 @@ def get_config() -> ml_collections.ConfigDict:
   ev.num_reference = 10_000  # data images used for reference statistics
   ev.bpd_num_examples = 0  # held-out images for bits/dim (0: skip)
   ev.bpd_batch_size = 16  # batch for bits/dim (T network calls per batch)
+  ev.ode_bpd = True  # bits/dim through the probability-flow ODE (ddpm: besides the bound)
+  ev.ode_probes = 1  # Hutchinson probes per example (0: the exact divergence; 2-D data: exact)
+  ev.ode_probe_kind = 'rademacher'  # rademacher | gaussian
+  ev.ode_rtol = 1e-5  # the likelihood ODE's tolerances
+  ev.ode_atol = 1e-5
   ev.inception_batch_size = 200  # images per Inception-v3 call (split over the local devices)
   ev.kid_subset_size = 1000  # KID: rows per random subset (capped at the sample count)
   ev.kid_num_subsets = 100  # KID: random subsets averaged

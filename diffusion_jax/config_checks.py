@@ -12,7 +12,7 @@ import traceback
 
 import jax
 
-from diffusion_jax import config_fields, models, processes, schedules, sources, timesteps
+from diffusion_jax import config_fields, models, ode, processes, schedules, sources, timesteps
 
 MODES = config_fields.MODES
 
@@ -51,10 +51,16 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
       _validate_sampling(samp, process, preview=True)
   elif mode in ('sample', 'eval'):
     _validate_sampling(samp, process, preview=False)
-    if mode == 'eval' and config.eval.bpd_num_examples and process.name != 'ddpm':
-      raise ValueError(f'eval.bpd_num_examples={config.eval.bpd_num_examples}: bits/dim is the '
-                       'variational bound of the discrete chain (diffusion.process=ddpm); set '
-                       f'--config.eval.bpd_num_examples=0 for diffusion.process={process.name}.')
+    if (mode == 'eval' and config.eval.bpd_num_examples and not config.eval.ode_bpd
+        and process.name != 'ddpm'):
+      raise ValueError(f'eval.bpd_num_examples={config.eval.bpd_num_examples} with '
+                       'eval.ode_bpd=False: the variational bound is of the discrete chain '
+                       f'(diffusion.process=ddpm); on diffusion.process={process.name} bits/dim '
+                       'come from the probability-flow ODE: set --config.eval.ode_bpd=True.')
+    if mode == 'sample' and samp.trajectory and samp.sampler == ode.SAMPLER:
+      raise ValueError('sampling.trajectory draws the steps of a fixed grid; '
+                       'sampling.sampler=adaptive chooses its own: draw the strip with another '
+                       'sampler.')
 
 
 def validate_labels(config, num_classes: int) -> None:
@@ -213,7 +219,8 @@ def _validate_sampling(samp, process, preview: bool) -> None:
     raise ValueError(f'sampling.{sampler}=ddpm runs the T steps of the discrete chain, which '
                      f'diffusion.process={process.name} has not; use ddim with sampling.eta=1 '
                      '(ancestral steps) or euler_maruyama.')
-  if process.discrete and samp[sampler] != 'ddpm' and samp[steps] > process.num_timesteps:
+  if process.discrete and samp[sampler] not in ('ddpm', ode.SAMPLER) and (
+      samp[steps] > process.num_timesteps):
     raise ValueError(f'sampling.{steps}={samp[steps]} must lie in '
                      f'[1, diffusion.num_timesteps={process.num_timesteps}].')
   if not process.discrete and samp.spacing not in timesteps.CONTINUOUS_SPACINGS:

@@ -8,16 +8,11 @@ sampler that runs, the process, the architecture, the data source, whether the r
 Two checks use the table:
 - `check_domains(config)`: every field of a config, whatever its source, lies in its domain; an
   unknown field (a typo in a config file) is named with the closest known ones.
-- `check_applies(config, mode, given)`: the settings given on the command line apply to the run.
-  The policy: **a setting given on the command line that the run cannot use is refused** with
-  one line naming it, what it is read with, and the fix: an option of a sampler the run does not
-  use, guidance or a label on a run without classes, a U-Net field of a DiT, a TFDS field of an
-  .npz source, an EDM noise range of another process. Settings of the run's other modes pass
-  (training.* when sampling, sampling.* when training: one command line serves every --mode);
-  values that come from a config file are not refused (a config may carry the options of
-  samplers it does not use); an override equal to the value it replaces changes nothing, and
-  one equal to the field's default asks for nothing (`--config.sampling.stochastic=False` with
-  DDIM).
+- `check_applies(config, mode, given)`: **a setting given on the command line that the run
+  cannot use is refused** with one line naming it, what it is read with, and the fix (an option
+  of a sampler the run does not use, guidance on a run without classes, a U-Net field of a
+  DiT). Not refused: settings of the run's other modes, values from a config file, and
+  overrides equal to the value they replace or to the field's default (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -28,8 +23,8 @@ import math
 import numbers
 from typing import Callable, Optional
 
-from diffusion_jax import (diffusion, models, phema, posthoc_ema, processes, schedules, sources,
-                           step_tables, timesteps)
+from diffusion_jax import (diffusion, models, ode, phema, posthoc_ema, processes, schedules,
+                           sources, step_tables, timesteps)
 from diffusion_jax.models import attention, dit
 
 MODES = ('train', 'sample', 'eval', 'summary')
@@ -163,12 +158,14 @@ IMAGES = when('data.source', 'tfds', 'folder', 'npz', 'digits')
 UNET, DIT, MLP = (when('model.architecture', a) for a in ('unet', 'dit', 'mlp'))
 DIT_SIZED_BY_FIELDS = both(DIT, when('model.preset', ''))
 CONDITIONAL = is_set('data.class_conditional', 'a class-conditional run (data.class_conditional)')
+SAMPLERS = step_tables.SAMPLERS + (ode.SAMPLER,)  # the tables, and the adaptive ODE solve
 STEPPED = tuple(s for s in step_tables.SAMPLERS if s != 'ddpm')  # ddpm runs all T steps
 NOT_DDPM = when('sampler', *STEPPED)
 PHEMA = is_set('training.phema_sigma_rels', 'post-hoc EMA (training.phema_sigma_rels)')
 FID = is_set('eval.inception_path', 'FID (eval.inception_path)')
 BPD = Condition(lambda run: run.config.eval.bpd_num_examples > 0,
                 'bits/dim (eval.bpd_num_examples > 0)')
+ODE_BPD = is_set('eval.ode_bpd', 'the ODE\'s bits/dim (eval.ode_bpd)')
 INT, POSITIVE_INT = dict(kind=int), dict(kind=int, lo=1)
 POSITIVE = dict(kind=float, lo=0.0, lo_open=True)
 FRACTION = dict(kind=float, lo=0.0, hi=1.0, hi_open=True)  # [0, 1)
@@ -273,7 +270,7 @@ FIELDS = {
     'training.checkpoint_every': Field(read_by=('train',), **POSITIVE_INT),
     'training.keep_checkpoints': Field(read_by=('train',), **POSITIVE_INT),
 
-    'sampling.sampler': Field(str, ('sample', 'eval'), choices=step_tables.SAMPLERS),
+    'sampling.sampler': Field(str, ('sample', 'eval'), choices=SAMPLERS),
     'sampling.num_steps': Field(read_by=('sample', 'eval'), needs=(
         when('sampling.sampler', *STEPPED),), **POSITIVE_INT),
     'sampling.eta': Field(float, SAMPLING, lo=0.0, hi=1.0, needs=(when('sampler', 'ddim'),)),
@@ -284,6 +281,8 @@ FIELDS = {
     'sampling.time_shift': Field(read_by=SAMPLING, needs=(NOT_DDPM, when('sampling.spacing',
                                                                          'shifted')),
                                  **POSITIVE),
+    'sampling.rtol': Field(read_by=SAMPLING, needs=(when('sampler', ode.SAMPLER),), **POSITIVE),
+    'sampling.atol': Field(read_by=SAMPLING, needs=(when('sampler', ode.SAMPLER),), **POSITIVE),
     'sampling.s_churn': Field(float, SAMPLING, lo=0.0, needs=(when('sampler', 'edm'),)),
     'sampling.s_tmin': Field(float, SAMPLING, lo=0.0, needs=(when('sampler', 'edm'),)),
     'sampling.s_tmax': Field(float, SAMPLING, lo=0.0, needs=(when('sampler', 'edm'),)),
@@ -302,7 +301,7 @@ FIELDS = {
     'sampling.ema_sigma_rel': Field(float, ('sample', 'eval'), lo=0.0, hi=phema.MAX_SIGMA_REL),
     'sampling.trajectory': Field(bool, ('sample',)),
     'sampling.preview_samples': Field(read_by=(PREVIEW,), **POSITIVE_INT),
-    'sampling.preview_sampler': Field(str, (PREVIEW,), choices=step_tables.SAMPLERS),
+    'sampling.preview_sampler': Field(str, (PREVIEW,), choices=SAMPLERS),
     'sampling.preview_steps': Field(read_by=(PREVIEW,), needs=(
         when('sampling.preview_sampler', *STEPPED),), **POSITIVE_INT),
 
@@ -314,6 +313,11 @@ FIELDS = {
     'eval.num_reference': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
     'eval.bpd_num_examples': Field(read_by=('eval',), lo=0, **INT),
     'eval.bpd_batch_size': Field(read_by=('eval',), needs=(BPD,), **POSITIVE_INT),
+    'eval.ode_bpd': Field(bool, ('eval',), needs=(BPD,)),
+    'eval.ode_probes': Field(read_by=('eval',), lo=0, needs=(BPD, ODE_BPD), **INT),
+    'eval.ode_probe_kind': Field(str, ('eval',), choices=ode.PROBES, needs=(BPD, ODE_BPD)),
+    'eval.ode_rtol': Field(read_by=('eval',), needs=(BPD, ODE_BPD), **POSITIVE),
+    'eval.ode_atol': Field(read_by=('eval',), needs=(BPD, ODE_BPD), **POSITIVE),
     'eval.inception_batch_size': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
     'eval.kid_subset_size': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
     'eval.kid_num_subsets': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),

@@ -8,8 +8,12 @@ pytorch-fid sees saved PNGs), grayscale is repeated to 3 channels, and the Incep
 features are compared with those of eval.num_reference training images. The data-set statistics
 are read from eval.reference_stats if given (then KID, which needs the features themselves, is
 skipped), else computed once and cached in `<workdir>/eval/`.
-Bits/dim: the full variational bound (one network call per timestep) on eval.bpd_num_examples
-held-out images: data.eval_splits for TFDS, the last examples of an in-memory source.
+Bits/dim of eval.bpd_num_examples held-out images (data.eval_splits for TFDS, the last examples
+of an in-memory source): through the probability-flow ODE on every process (eval.ode_bpd; the
+images uniformly dequantised over their 8-bit bins, Hutchinson's divergence with eval.ode_probes
+probes; `ode.log_likelihood`), and on the ddpm process also the variational bound of the discrete
+chain (one network call per timestep). 2-D points: their likelihood through the ODE, exact
+divergence, no dequantisation.
 
 Results go to `<workdir>/eval/results.json` and, as one record, to `<workdir>/metrics.jsonl`.
 """
@@ -17,6 +21,7 @@ Results go to `<workdir>/eval/results.json` and, as one record, to `<workdir>/me
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -28,7 +33,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import (config_checks, diffusion, files, generation, input_pipeline,
-                           metric_logging, parallel, stop_signals, task as task_lib)
+                           metric_logging, ode, parallel, stop_signals, task as task_lib)
 from diffusion_jax.metrics import feature_distances, inception, inception_weights
 
 REFERENCE_STATS = 'reference_stats.npz'  # mu, sigma: pytorch-fid's statistics format
@@ -114,13 +119,14 @@ def sample_quality(config, task, mesh, params, workdir: str,
   generate = generation.make_generate_fn(config, task, mesh)
   start = time.perf_counter()
   # Every process generates (the sampler is one program over all devices) and gets all samples.
-  x = generate(params, jax.random.PRNGKey(config.sampling.seed), ev.num_samples,
-               log_progress=True, stop=stop)
+  x, calls = generate(params, jax.random.PRNGKey(config.sampling.seed), ev.num_samples,
+                      log_progress=True, stop=stop, with_calls=True)
   sample_seconds = time.perf_counter() - start
   feats = features_fn(x[i:i + 500] for i in range(0, len(x), 500))
   mu, sigma = feature_distances.feature_statistics(feats)
   out = {'fid': feature_distances.frechet_distance(mu, sigma, mu_ref, sigma_ref),
-         'sample_seconds': sample_seconds}
+         'sample_seconds': sample_seconds, 'network_calls_mean': float(calls.mean()),
+         'network_calls_max': int(calls.max())}
   if ref_features is None:
     logging.info('eval.reference_stats holds statistics only: KID, which needs the reference '
                  'features, is skipped.')
@@ -149,39 +155,82 @@ def make_bpd_fn(config, task, mesh) -> Callable:
   return jax.jit(bpd, in_shardings=(rep, shard, shard, rep), out_shardings=rep)
 
 
-def bits_per_dim(config, task, mesh, params, stop: stop_signals.StopFlag | None = None) -> float:
-  """Mean bits/dim over eval.bpd_num_examples held-out images; a signal set in `stop`
-  interrupts it (`stop_signals.Interrupted`)."""
+def _over_held_out(config, task, mesh, params, fn: Callable, stop, label: str) -> tuple:
+  """fn(params, x, labels, rng) -> arrays [B] over eval.bpd_num_examples held-out examples in
+  batches of eval.bpd_batch_size: each output for the real examples, in order. A signal set in
+  `stop` interrupts it (`stop_signals.Interrupted`)."""
   ev = config.eval
   count = ev.bpd_num_examples
   x, labels, _ = input_pipeline.held_out_images(config, count)
   sizes, _ = input_pipeline.host_share_sizes(count)
   per_host = parallel.round_up(min(ev.bpd_batch_size, count), mesh.size) // jax.process_count()
   sharding = parallel.batch_sharding(mesh)
-  bpd_fn = make_bpd_fn(config, task, mesh)
   rng = jax.random.PRNGKey(config.sampling.seed)
   # Every process runs the same batches (its share padded to the same length); a row is real
   # when its place in its process's share is below that process's count.
   num_batches = -(-len(x) // per_host)
   progress = metric_logging.Progress(num_batches, items_per_step=per_host * jax.process_count(),
-                                     unit='batch', label='bits/dim')
+                                     unit='batch', label=label)
   fetch = stop.fetch if stop is not None else jax.device_get
-  values = []
+  outs = []
   for b in range(num_batches):
     i = b * per_host
     rows = parallel.pad_rows({'x': x[i:i + per_host], 'label': labels[i:i + per_host]},
                              per_host)
     batch = parallel.host_to_global(rows, sharding)
-    out = np.asarray(fetch(bpd_fn(params, batch['x'], batch['label'],
-                                  jax.random.fold_in(rng, i))))
+    out = fetch(fn(params, batch['x'], batch['label'], jax.random.fold_in(rng, i)))
     place = i + np.arange(per_host)
     real = np.concatenate([place < n for n in sizes])
-    values.append(out[real])
+    outs.append([np.asarray(o)[real] for o in (out if isinstance(out, tuple) else (out,))])
     progress.log(b + 1)
-  values = np.concatenate(values)
-  if not np.all(np.isfinite(values)):
-    raise FloatingPointError('bits/dim is not finite; is the checkpoint healthy?')
+  values = tuple(np.concatenate(column) for column in zip(*outs))
+  if not np.all(np.isfinite(values[0])):
+    raise FloatingPointError(f'{label} is not finite; is the checkpoint healthy?')
+  return values
+
+
+def bits_per_dim(config, task, mesh, params, stop: stop_signals.StopFlag | None = None) -> float:
+  """Mean bits/dim (the variational bound of the discrete chain) over eval.bpd_num_examples
+  held-out images; a signal set in `stop` interrupts it (`stop_signals.Interrupted`)."""
+  values, = _over_held_out(config, task, mesh, params, make_bpd_fn(config, task, mesh), stop,
+                           label='bits/dim')
   return float(values.mean())
+
+
+def make_ode_log_likelihood_fn(config, task, mesh) -> Callable:
+  """log_p(params, x [B, ...] sharded on B, labels [B], rng) -> (log p nats [B], calls [B]) of
+  the data under the probability-flow ODE (`ode.log_likelihood`): dequantised 8-bit images, or
+  2-D points as they are, with the exact divergence (2-D data) or eval.ode_probes Hutchinson
+  probes. The conditional network with the true labels, no guidance, as for the bound."""
+  ev, toy = config.eval, config.data.source == 'toy2d'
+
+  def log_p(params, x, labels, rng):
+    lab = labels if task.info.num_classes else None
+    predict = lambda x_t, t: task.model.apply({'params': params}, x_t, t, lab, train=False)
+    denoise_fn = diffusion.denoiser(predict, task.process, config.diffusion.prediction_type)
+    quantise_rng, probe_rng = jax.random.split(rng)
+    x0 = x if toy else ode.dequantize(x, quantise_rng)
+    return ode.log_likelihood(denoise_fn, task.process, x0, probe_rng,
+                              probes=0 if toy else ev.ode_probes, probe_kind=ev.ode_probe_kind,
+                              rtol=ev.ode_rtol, atol=ev.ode_atol)
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(log_p, in_shardings=(rep, shard, shard, rep), out_shardings=rep)
+
+
+def ode_bits_per_dim(config, task, mesh, params,
+                     stop: stop_signals.StopFlag | None = None) -> dict:
+  """Bits/dim of eval.bpd_num_examples held-out examples through the probability-flow ODE:
+  the mean, its standard error over the examples, and the mean and largest network calls."""
+  log_p, calls = _over_held_out(config, task, mesh, params,
+                                make_ode_log_likelihood_fn(config, task, mesh), stop,
+                                label='ODE bits/dim')
+  dim = math.prod(task.info.shape)
+  bpd = np.asarray(ode.bits_per_dim(log_p, dim, None if config.data.source == 'toy2d' else
+                                    ode.BIN_WIDTH_8BIT))
+  return {'ode_bits_per_dim': float(bpd.mean()),
+          'ode_bits_per_dim_stderr': float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
+          if len(bpd) > 1 else 0.0,
+          'ode_network_calls_mean': float(calls.mean()), 'ode_network_calls_max': int(calls.max())}
 
 
 # --- --mode=eval -----------------------------------------------------------------------------
@@ -199,9 +248,11 @@ def evaluate(config, workdir: str) -> dict:
 
 def _evaluate(config, workdir: str, stop: stop_signals.StopFlag) -> dict:
   ev = config.eval
-  if config.data.source == 'toy2d':
-    raise ValueError('--mode=eval measures images (FID, bits/dim of 8-bit data); data.source='
-                     'toy2d has points. Look at the samples instead (--mode=sample).')
+  toy = config.data.source == 'toy2d'
+  if toy and (ev.inception_path or not (ev.bpd_num_examples and ev.ode_bpd)):
+    raise ValueError('data.source=toy2d has points: --mode=eval measures their likelihood '
+                     'through the probability-flow ODE only (--config.eval.bpd_num_examples=N '
+                     'with eval.ode_bpd=True, and no eval.inception_path).')
   want_fid, want_bpd = bool(ev.inception_path), ev.bpd_num_examples > 0
   if not want_fid and not want_bpd:
     raise _missing_weights_error()
@@ -221,10 +272,15 @@ def _evaluate(config, workdir: str, stop: stop_signals.StopFlag) -> dict:
   if want_fid:
     results.update(sample_quality(config, task, mesh, params, workdir, stop))
     results.update(num_samples=ev.num_samples, num_reference=ev.num_reference)
-  if want_bpd:
+  if want_bpd and task.process.discrete and not toy:
     start = time.perf_counter()
     results['bits_per_dim'] = bits_per_dim(config, task, mesh, params, stop)
     results['bpd_seconds'] = time.perf_counter() - start
+  if want_bpd and ev.ode_bpd:
+    start = time.perf_counter()
+    results.update(ode_bits_per_dim(config, task, mesh, params, stop))
+    results['ode_bpd_seconds'] = time.perf_counter() - start
+  if want_bpd:
     results['bpd_num_examples'] = ev.bpd_num_examples
   logging.info('eval at step %d: %s', step, ', '.join(
       f'{k}={v:.6g}' for k, v in results.items() if k != 'step'))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import (diffusion, metric_logging, parallel, samplers, step_tables,
+from diffusion_jax import (diffusion, metric_logging, ode, parallel, samplers, step_tables,
                            stop_signals)
 from diffusion_jax.task import Task
 
@@ -105,10 +105,17 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
   mesh's devices. Sample i of a conditional model is of class `sample_labels(i, ...)`. With
   `log_progress=True` each batch is logged with the rate and time left; with a `stop`
   (`stop_signals.StopFlag`) a signal interrupts even one long batch (`stop_signals.Interrupted`).
-  `generate.num_calls` is the number of network calls per sample.
+  `generate.num_calls` is the number of network calls per sample of a table sampler (None for
+  the adaptive ODE solve, whose samples each take their own); `with_calls=True` also returns
+  those of each sample, int32 [n].
   """
   sc = config.sampling
-  steps = reverse_steps(config, task, sampler=sampler, num_steps=num_steps)
+  adaptive = (sampler or sc.sampler) == ode.SAMPLER
+  if adaptive and return_trajectory:
+    raise ValueError('sampling.sampler=adaptive chooses its steps as it solves; the trajectory '
+                     'strip (sampling.trajectory) shows a fixed grid: draw it with another '
+                     'sampler.')
+  steps = None if adaptive else reverse_steps(config, task, sampler=sampler, num_steps=num_steps)
   shape = tuple(task.info.shape)
 
   def run(params, rng, label_offset, batch):
@@ -119,27 +126,35 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
       index = label_offset + jnp.arange(batch, dtype=jnp.int32)
       labels = sample_labels(index, sc.label, task.info.num_classes)
     denoise_fn = make_denoise_fn(task, params, labels, config)
-    return samplers.run_reverse(denoise_fn, steps, x_t, jax.random.fold_in(rng, 1),
-                                clip_x0=sc.clip_x0, return_trajectory=return_trajectory)
+    if adaptive:
+      return ode.sample(denoise_fn, task.process, x_t, rtol=sc.rtol, atol=sc.atol,
+                        clip_x0=sc.clip_x0)
+    out = samplers.run_reverse(denoise_fn, steps, x_t, jax.random.fold_in(rng, 1),
+                               clip_x0=sc.clip_x0, return_trajectory=return_trajectory)
+    return out, jnp.full((batch,), steps.num_calls, jnp.int32)
 
   compiled = jax.jit(run, static_argnums=3, out_shardings=parallel.replicated(mesh))
 
   def generate(params, rng, n: int, *, log_progress: bool = False,
-               stop: stop_signals.StopFlag | None = None):
+               stop: stop_signals.StopFlag | None = None, with_calls: bool = False):
     batch = parallel.round_up(min(sc.batch_size, n), mesh.size)
     num_batches = math.ceil(n / batch)
     progress = metric_logging.Progress(num_batches, items_per_step=batch, unit='batch',
                                        label='sampling')
     fetch = stop.fetch if stop is not None else jax.device_get
-    outs = []
+    outs, calls = [], []
     for i in range(num_batches):
-      outs.append(fetch(compiled(params, jax.random.fold_in(rng, i), i * batch, batch)))
+      out, batch_calls = fetch(compiled(params, jax.random.fold_in(rng, i), i * batch, batch))
+      outs.append(out)
+      calls.append(batch_calls)
       if log_progress:
         progress.log(i + 1)
     if return_trajectory:
-      return (np.concatenate([o[0] for o in outs])[:n],
-              np.concatenate([o[1] for o in outs], axis=1)[:, :n])
-    return np.concatenate(outs)[:n]
+      result = (np.concatenate([o[0] for o in outs])[:n],
+                np.concatenate([o[1] for o in outs], axis=1)[:, :n])
+    else:
+      result = np.concatenate(outs)[:n]
+    return (result, np.concatenate(calls)[:n]) if with_calls else result
 
-  generate.num_calls = steps.num_calls
+  generate.num_calls = None if adaptive else steps.num_calls
   return generate

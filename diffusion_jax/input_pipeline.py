@@ -209,8 +209,8 @@ def reference_images(config, count: int) -> Iterator[np.ndarray]:
 
 
 def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """This host's share of `count` held-out images (float32 in [-1, 1]), their int32 labels, and
-  how many are real: both padded to `host_share_sizes(count)[1]` rows.
+  """This host's share of `count` held-out images (float32 in [-1, 1]; 2-D points as they are),
+  their int32 labels, and how many are real: both padded to `host_share_sizes(count)[1]` rows.
 
   TFDS: the first `count` of data.eval_splits. In-memory sources: the last `count` examples
   (trained on as well: these sources have no held-out split). Folder: the first `count` images
@@ -225,6 +225,7 @@ def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray, int]:
   idx = _host_indices(count, len(examples), 'eval.bpd_num_examples', source,
                       last=source not in ('tfds', 'folder'))
   chunks = list(_read_in_order(config, examples, idx))
-  x = images.to_model_range(np.concatenate([c[0] for c in chunks]))
+  x = np.concatenate([c[0] for c in chunks])
+  x = images.to_model_range(x) if x.dtype == np.uint8 else x.astype(np.float32)  # 2-D points
   labels = np.concatenate([c[1] for c in chunks]).astype(np.int32)
   return _padded(x, length), _padded(labels, length), len(idx)

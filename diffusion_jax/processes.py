@@ -104,11 +104,20 @@ class DDPM(Process):
     self._logsnr64 = np.log(self.alphas_cumprod64) - np.log1p(-self.alphas_cumprod64)
 
   def alpha_sigma(self, t):
+    """At the integer t of the chain, its table; between them (the probability-flow ODE's
+    times), the log-SNR interpolated linearly in t, so that alpha and sigma are continuous."""
     if isinstance(t, (np.ndarray, float, int, np.floating)):
       abar = self.alphas_cumprod64[np.asarray(np.round(t), np.int64)]
       return np.sqrt(abar), np.sqrt(1.0 - abar)
     i = jnp.round(t).astype(jnp.int32)
-    return self.schedule.sqrt_alphas_cumprod[i], self.schedule.sqrt_one_minus_alphas_cumprod[i]
+    table = self.schedule.sqrt_alphas_cumprod[i], self.schedule.sqrt_one_minus_alphas_cumprod[i]
+    if jnp.issubdtype(jnp.asarray(t).dtype, jnp.integer):
+      return table
+    logsnr = jnp.interp(t, jnp.arange(self.num_timesteps, dtype=jnp.asarray(t).dtype),
+                        jnp.asarray(self._logsnr64, jnp.asarray(t).dtype))
+    on_grid = t == jnp.round(t)
+    return (jnp.where(on_grid, table[0], jnp.sqrt(jax.nn.sigmoid(logsnr))),
+            jnp.where(on_grid, table[1], jnp.sqrt(jax.nn.sigmoid(-logsnr))))
 
   def t_of_logsnr(self, logsnr):
     """The (fractional) index where the table's log-SNR, decreasing in t, equals `logsnr`."""

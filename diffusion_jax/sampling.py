@@ -2,8 +2,9 @@
 
 Restores the EMA parameters from `<workdir>/checkpoints`, generates sampling.num_samples samples
 (`generation`) and writes `samples.npz` (`images`: uint8 [N, H, W, C], or for 2-D data `points`:
-float32 [N, 2] in the data's own coordinates; for a class-conditional model also `labels`: int32
-[N], the class each sample was asked for) and `grid.png`; with sampling.trajectory also
+float32 [N, 2] in the data's own coordinates; `network_calls`: int32 [N], the network calls each
+sample took; for a class-conditional model also `labels`: int32 [N], the class each sample was
+asked for) and `grid.png`; with sampling.trajectory also
 `trajectory.png`, the x_T -> x_0 strip. Files already there are moved aside (samples.1.npz, ...),
 never overwritten. (The sampler math itself lives in `samplers`.)
 """
@@ -58,10 +59,16 @@ def _sample(config, workdir: str, mesh, stop: stop_signals.StopFlag) -> dict:
   logging.info('Sampling %d samples from step %d in batches of up to %d (Ctrl-C stops it).',
                sc.num_samples, step, sc.batch_size)
   start = time.perf_counter()
-  x = generate(params, rng, sc.num_samples, log_progress=True, stop=stop)
+  x, calls = generate(params, rng, sc.num_samples, log_progress=True, stop=stop,
+                      with_calls=True)
   seconds = time.perf_counter() - start
-  logging.info('%d samples from step %d in %.2f s: %s, %d network calls per sample.',
-               sc.num_samples, step, seconds, sc.sampler, generate.num_calls)
+  if generate.num_calls is None:
+    logging.info('%d samples from step %d in %.2f s: %s (rtol %g, atol %g), %.1f network calls '
+                 'per sample on average, %d at most.', sc.num_samples, step, seconds, sc.sampler,
+                 sc.rtol, sc.atol, calls.mean(), calls.max())
+  else:
+    logging.info('%d samples from step %d in %.2f s: %s, %d network calls per sample.',
+                 sc.num_samples, step, seconds, sc.sampler, generate.num_calls)
   out_dir = os.path.join(workdir, 'samples')
   toy = config.data.source == 'toy2d'
   traj = None
@@ -73,6 +80,7 @@ def _sample(config, workdir: str, mesh, stop: stop_signals.StopFlag) -> dict:
   if jax.process_index() == 0:
     paths['npz'] = os.path.join(out_dir, 'samples.npz')
     payload = {'points': x.astype(np.float32)} if toy else {'images': images.to_uint8(x)}
+    payload['network_calls'] = calls.astype(np.int32)
     if task.info.num_classes:
       payload['labels'] = generation.sample_labels(np.arange(len(x), dtype=np.int32), sc.label,
                                                    task.info.num_classes)

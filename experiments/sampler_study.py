@@ -68,13 +68,18 @@ flags.DEFINE_integer('repeats', 1, 'Sample sets per cell (seeds seed, seed + 1, 
                      'shows the mean ratio, results.json each one.')
 flags.DEFINE_bool('reference', True, 'Also sample the reference: DDPM over all T steps (ddpm '
                   'process) or Euler-Maruyama over 1,000 steps (continuous processes).')
+flags.DEFINE_list('tolerances', [], 'The adaptive ODE solve (sampling.sampler=adaptive) at '
+                  'these rtol = atol, each beside --compare_sampler at its mean calls.')
+flags.DEFINE_string('compare_sampler', 'dpm_solver++(2M)', 'The fixed-grid sampler set beside '
+                    'each tolerance of the adaptive solve.')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
 
 def generator(config, task, mesh, n: int, **settings):
   """generate(params, seed) -> (samples [n, ...], seconds), compiled once for these sampling
-  settings; its `num_calls` is the network calls per sample."""
+  settings; its `num_calls` is the network calls per sample (for the adaptive solve, those of
+  the last set on average, rounded)."""
   config = config.copy_and_resolve_references()
   config.sampling.update(settings)
   config.sampling.batch_size = parallel.round_up(n, mesh.size)
@@ -82,7 +87,10 @@ def generator(config, task, mesh, n: int, **settings):
 
   def run(params, seed: int):
     start = time.perf_counter()
-    x = generate(params, jax.random.PRNGKey(seed), n)
+    x, calls = generate(params, jax.random.PRNGKey(seed), n, with_calls=True)
+    run.calls_max = int(calls.max())
+    if generate.num_calls is None:
+      run.num_calls = int(round(float(calls.mean())))
     return x, time.perf_counter() - start
   run.num_calls = generate.num_calls
   return run
@@ -107,28 +115,50 @@ def scored(config, task, mesh, params, judge, name: str, calls: int | None, repe
   if calls is not None:
     settings['num_steps'] = step_tables.num_steps_for_calls(settings['sampler'], calls)
   run = generator(config, task, mesh, judge.num_samples, **settings)
-  made, ratios, first = run.num_calls, [], None
+  ratios, first = [], None
   for r in range(repeats):
     x, seconds = run(params, FLAGS.seed + r)
     ratios.append(judge.score(x))
     first = x if first is None else first
+  made = run.num_calls
   row = {'formulation': formulation(config), 'sampler': name,
-         'requested_calls': calls or made, 'calls': made, 'ratio': float(np.mean(ratios)),
-         'ratios': ratios, 'seconds': seconds}
+         'requested_calls': calls or made, 'calls': made, 'calls_max': run.calls_max,
+         'ratio': float(np.mean(ratios)), 'ratios': ratios, 'seconds': seconds}
   spread = f' +- {np.std(ratios):.3f}' if len(ratios) > 1 else ''
   print(f'{row["formulation"]:>10} {name:>22} {made:4d} calls: ratio {row["ratio"]:.3f}{spread} '
         f'({seconds:.1f} s per set)', flush=True)
   return row, first
 
 
+def _sampler(row: dict) -> str:
+  """The row's sampler; the adaptive solve's tolerances make one line, 'adaptive'."""
+  return 'adaptive' if 'tolerance' in row else row['sampler']
+
+
 def _label(row: dict, several: bool) -> str:
-  return f'{row["formulation"]}: {row["sampler"]}' if several else row['sampler']
+  return f'{row["formulation"]}: {_sampler(row)}' if several else _sampler(row)
+
+
+def adaptive_table(rows: list[dict]) -> str:
+  """The adaptive solve at each tolerance beside the fixed-grid sampler at its mean calls."""
+  lines = ['| run | tolerance | calls: mean (max) | ratio | fixed grid at those calls | ratio |',
+           '| --- | ---: | ---: | ---: | --- | ---: |']
+  spread = lambda r: f' ± {np.std(r["ratios"]):.2f}' if len(r['ratios']) > 1 else ''
+  for r in rows:
+    if 'tolerance' in r:
+      same = next(s for s in rows if s.get('beside_tolerance') == r['tolerance']
+                  and s['formulation'] == r['formulation'])
+      lines.append(f'| {r["formulation"]} | {r["tolerance"]:g} | {r["calls"]} ({r["calls_max"]})'
+                   f' | {r["ratio"]:.2f}{spread(r)} | {same["sampler"]}, {same["calls"]} | '
+                   f'{same["ratio"]:.2f}{spread(same)} |')
+  return '\n'.join(lines) + '\n'
 
 
 def markdown_table(rows: list[dict], calls: list[int]) -> str:
   """Runs and samplers down, requested network calls across; cells are the judge's ratio (mean
   over the repeats, +- their spread when there are several), with the calls made in
   parentheses where they differ from the requested ones."""
+  rows = [r for r in rows if 'tolerance' not in r and 'beside_tolerance' not in r]
   several = len({r['formulation'] for r in rows}) > 1
   names = list(dict.fromkeys(_label(r, several) for r in rows if r['sampler'] != REFERENCE))
   lines = ['| sampler | ' + ' | '.join(f'{c} calls' for c in calls) + ' |',
@@ -156,14 +186,14 @@ def plot(path: str, rows: list[dict], title: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   several = len({r['formulation'] for r in rows}) > 1
   fig, ax = plt.subplots(figsize=(8, 5) if several else (6.5, 4.2))
-  samplers = list(dict.fromkeys(r['sampler'] for r in rows if r['sampler'] != REFERENCE))
+  samplers = list(dict.fromkeys(_sampler(r) for r in rows if r['sampler'] != REFERENCE))
   forms = list(dict.fromkeys(r['formulation'] for r in rows))
   for name in dict.fromkeys(_label(r, several) for r in rows if r['sampler'] != REFERENCE):
     mine = [r for r in rows if _label(r, several) == name]
     pts = sorted((r['calls'], r['ratio']) for r in mine)
     # A colour per sampler, a line style per formulation.
     ax.plot(*zip(*pts), marker='o', label=name,
-            color=f'C{samplers.index(mine[0]["sampler"]) % 10}',
+            color=f'C{samplers.index(_sampler(mine[0])) % 10}',
             ls=('-', '--', ':', '-.')[forms.index(mine[0]['formulation']) % 4])
   for r in rows:
     if r['sampler'] == REFERENCE:
@@ -217,6 +247,16 @@ def study_run(workdir: str, mesh, judge_for) -> tuple[list[dict], dict]:
       rows.append(row)
       if c == 20 and (best is None or row['ratio'] < best[0]):
         best = (row['ratio'], name, x)
+  for tolerance in (float(t) for t in FLAGS.tolerances):
+    row, _ = scored(config, task, mesh, params, judge, f'adaptive (tol {tolerance:g})', None,
+                    FLAGS.repeats, sampler='adaptive', rtol=tolerance, atol=tolerance)
+    row['tolerance'] = tolerance
+    rows.append(row)
+    same, _ = scored(config, task, mesh, params, judge, FLAGS.compare_sampler, row['calls'],
+                     FLAGS.repeats, spacing=FLAGS.spacing,
+                     **judge_lib.SAMPLERS[FLAGS.compare_sampler])
+    same['beside_tolerance'] = tolerance
+    rows.append(same)
   if FLAGS.reference:
     reference = (dict(sampler='ddpm') if task.process.discrete else
                  dict(sampler='euler_maruyama', num_steps=EM_REFERENCE_STEPS,
@@ -277,6 +317,10 @@ def main(argv):
                                      scale=max(1, 64 // config.data.image_size), pad=2),
                     os.path.join(out, 'classes.png'))
   files.write_text(os.path.join(out, 'table.md'), table)
+  if FLAGS.tolerances:
+    adaptive = adaptive_table(rows)
+    files.write_text(os.path.join(out, 'adaptive.md'), adaptive)
+    print(adaptive)
   files.write_json(os.path.join(out, 'results.json'), results)
   names = ', '.join(os.path.basename(os.path.abspath(w)) for w in workdirs)
   plot(os.path.join(out, 'quality_vs_calls.png'), rows,

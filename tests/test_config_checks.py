@@ -106,7 +106,7 @@ def test_continuous_processes_refuse_what_only_the_discrete_chain_has(field, val
     config_checks.validate(config, 1, 'sample')
 
 
-def test_min_snr_needs_its_gamma_and_bits_per_dim_needs_the_discrete_chain():
+def test_min_snr_needs_its_gamma_and_bits_per_dim_of_a_continuous_process_need_the_ode():
   config = tiny_image_config()
   config.diffusion.loss_weighting, config.diffusion.min_snr_gamma = 'min_snr', 0.0
   with pytest.raises(ValueError, match='diffusion.min_snr_gamma'):
@@ -114,5 +114,7 @@ def test_min_snr_needs_its_gamma_and_bits_per_dim_needs_the_discrete_chain():
   config = tiny_image_config()
   config.diffusion.process, config.sampling.spacing = 'flow', 'uniform'
   config.eval.bpd_num_examples = 4
-  with pytest.raises(ValueError, match='eval.bpd_num_examples'):
+  config_checks.validate(config, 1, 'eval')  # through the probability-flow ODE
+  config.eval.ode_bpd = False  # the bound is of the discrete chain only
+  with pytest.raises(ValueError, match='eval.ode_bpd=True'):
     config_checks.validate(config, 1, 'eval')

@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from diffusion_jax import evaluation, metric_logging, stop_signals, train
 from diffusion_jax.metrics import inception, inception_weights
-from tests.conftest import tiny_image_config
+from tests.conftest import tiny_image_config, tiny_toy_config
 from tests.test_train import ListWriter
 
 
@@ -52,6 +52,7 @@ def test_fid_kid_and_bits_per_dim(trained, inception_npz):
   config.eval.kid_num_subsets = 5
   config.eval.bpd_num_examples = 4
   config.eval.bpd_batch_size = 4
+  config.eval.ode_rtol = config.eval.ode_atol = 1e-2  # a few steps: what is tested is the path
   results = evaluation.evaluate(config, workdir)
 
   with open(os.path.join(workdir, 'eval', 'results.json')) as f:
@@ -60,6 +61,11 @@ def test_fid_kid_and_bits_per_dim(trained, inception_npz):
   assert np.isfinite(saved['fid'])
   assert np.isfinite(saved['kid']) and np.isfinite(saved['kid_std'])
   assert np.isfinite(saved['bits_per_dim']) and saved['bits_per_dim'] > 0
+  # The ddpm run also gets the probability-flow ODE's bits/dim, which the bound lies above for
+  # a trained model (and near for this 2-step one: both are about the data's 8 bits).
+  assert np.isfinite(saved['ode_bits_per_dim']) and saved['ode_bits_per_dim_stderr'] >= 0
+  assert saved['ode_network_calls_max'] >= saved['ode_network_calls_mean'] > 6
+  assert saved['network_calls_mean'] == config.sampling.num_steps  # DDIM's table
   assert saved['fid'] == pytest.approx(results['fid'])
   assert os.path.exists(os.path.join(workdir, 'eval', evaluation.REFERENCE_STATS))
   record = metric_logging.read_metrics(workdir)[-1]
@@ -71,9 +77,27 @@ def test_bits_per_dim_alone_needs_no_inception_weights(trained):
   config = config.copy_and_resolve_references()
   config.eval.bpd_num_examples = 4
   config.eval.bpd_batch_size = 4
+  config.eval.ode_bpd = False  # the bound alone
   results = evaluation.evaluate(config, workdir)
-  assert 'fid' not in results
+  assert 'fid' not in results and 'ode_bits_per_dim' not in results
   assert np.isfinite(results['bits_per_dim']) and results['bits_per_dim'] > 0
+
+
+def test_bits_per_dim_of_a_flow_run_come_from_the_ode(tmp_path):
+  """A continuous process has no variational bound here: bits/dim through the ODE only; 2-D
+  points get their exact divergence and no dequantisation (images and Hutchinson's probes:
+  test_fid_kid_and_bits_per_dim)."""
+  config = tiny_toy_config()
+  config.diffusion.update(process='flow', prediction_type='flow')
+  config.training.num_steps = 2
+  train.train_and_evaluate(config, str(tmp_path), writer=ListWriter())
+  config.eval.update(bpd_num_examples=6, bpd_batch_size=6, ode_rtol=1e-3, ode_atol=1e-3)
+  results = evaluation.evaluate(config, str(tmp_path))
+  assert 'bits_per_dim' not in results
+  assert np.isfinite(results['ode_bits_per_dim']) and results['ode_network_calls_mean'] > 6
+  config.eval.ode_bpd = False
+  with pytest.raises(ValueError, match='eval.ode_bpd=True'):
+    evaluation.evaluate(config, str(tmp_path))
 
 
 def test_missing_weights_name_the_setting(trained, tmp_path):
@@ -141,7 +165,7 @@ def test_a_signal_stops_evaluation_and_leaves_its_files_as_they_were(trained, in
   config = config.copy_and_resolve_references()
   config.eval.inception_path = inception_npz
   config.eval.update(num_samples=8, num_reference=8, inception_batch_size=8, kid_subset_size=8,
-                     kid_num_subsets=5, bpd_num_examples=4, bpd_batch_size=4)
+                     kid_num_subsets=5, bpd_num_examples=4, bpd_batch_size=4, ode_bpd=False)
   evaluation.evaluate(config, workdir)  # results and the reference cache as they are
   before = listing(os.path.join(workdir, 'eval')), len(metric_logging.read_metrics(workdir))
   monkeypatch.setattr(stop_signals, 'StopFlag', SignalledAtFirstWait)

@@ -86,6 +86,13 @@ def test_train_then_sample_toy2d(tmp_path):
   launch(*flags, '--mode=sample')
   with np.load(os.path.join(workdir, 'samples', 'samples.npz')) as f:
     assert f['points'].shape == (64, 2) and f['points'].dtype == np.float32
+    assert np.all(f['network_calls'] == 100)  # DDPM: all T steps
+  out = launch(*flags, '--mode=sample', '--config.sampling.sampler=adaptive',
+               '--config.sampling.rtol=0.01', '--config.sampling.atol=0.01')
+  with np.load(os.path.join(workdir, 'samples', 'samples.npz')) as f:
+    calls = f['network_calls']
+    assert f['points'].shape == (64, 2) and np.all(np.isfinite(f['points']))
+  assert f'{calls.mean():.1f} network calls per sample on average, {calls.max()} at most' in out
 
 
 def test_sample_without_checkpoint_says_so(tmp_path):
@@ -118,16 +125,21 @@ def test_flow_and_edm_configs_train_and_sample(tmp_path, name):
     assert f['images'].shape == (4, 8, 8, 1)
 
 
-def refused(*args, cwd=ROOT) -> str:
-  """launch.py's last line for a command that must fail, checked to be its own one line."""
+def refused(*commands: list[str]) -> list[str]:
+  """launch.py's last line for each command (run side by side) that must fail, checked to be its
+  own one line."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode != 0, proc.stderr[-3000:]
-  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-  line = proc.stderr.strip().splitlines()[-1]
-  assert line.startswith('launch.py'), proc.stderr[-3000:]
-  return line
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for args in commands]
+  lines = []
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err[-3000:]
+    assert 'Traceback' not in err, err[-3000:]
+    lines.append(err.strip().splitlines()[-1])
+    assert lines[-1].startswith('launch.py'), err[-3000:]
+  return lines
 
 
 def test_the_front_door_names_the_flag_or_file_in_one_line(tmp_path):
@@ -147,8 +159,7 @@ def test_the_front_door_names_the_flag_or_file_in_one_line(tmp_path):
       ([digits, '--wokdir=/tmp/x'], "Unknown command line flag 'wokdir'"),
       ([digits], '--mode=train needs --workdir'),
   ]
-  for args, expected in cases:
-    line = refused(*args)
+  for (args, expected), line in zip(cases, refused(*(args for args, _ in cases))):
     assert expected in line, (args, line)
   assert not os.path.exists(tmp_path / 'w')  # nothing was written
 
@@ -161,13 +172,15 @@ def test_sampling_settings_are_checked_against_the_run(tmp_path):
     os.makedirs(tmp_path / name)
     run_config.record_config(config, str(tmp_path / name), resumed_at=None, changes={})
   sample = ['--config=configs/digits.py', '--mode=sample']
-  line = refused(*sample, f'--workdir={tmp_path / "cond"}', '--config.sampling.label=15')
-  assert "sampling.label=15 is beyond the run's 10 classes" in line
-  line = refused(*sample, f'--workdir={tmp_path / "uncond"}', '--config.sampling.guidance_scale=3')
-  assert line.startswith('launch.py --mode=sample: ValueError: --config.sampling.guidance_scale=3')
-  assert 'data.class_conditional' in line
-  line = refused(*sample, f'--workdir={tmp_path / "uncond"}', '--config.sampling.num_samples=-5')
-  assert 'sampling.num_samples=-5 is outside its domain' in line
+  label, guidance, count = refused(
+      [*sample, f'--workdir={tmp_path / "cond"}', '--config.sampling.label=15'],
+      [*sample, f'--workdir={tmp_path / "uncond"}', '--config.sampling.guidance_scale=3'],
+      [*sample, f'--workdir={tmp_path / "uncond"}', '--config.sampling.num_samples=-5'])
+  assert "sampling.label=15 is beyond the run's 10 classes" in label
+  assert guidance.startswith(
+      'launch.py --mode=sample: ValueError: --config.sampling.guidance_scale=3')
+  assert 'data.class_conditional' in guidance
+  assert 'sampling.num_samples=-5 is outside its domain' in count
   assert os.listdir(tmp_path / 'uncond') == ['config.json']  # nothing was written
 
 
