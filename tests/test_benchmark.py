@@ -17,7 +17,8 @@ HAVE_DIFFUSERS = all(importlib.util.find_spec(m) for m in ('torch', 'diffusers')
 
 
 TINY = {'bench.py': ['--config.model.channels=16', '--config.model.channel_mult=(1,2)',
-                     '--config.model.num_groups=8'],
+                     '--config.model.num_groups=8', '--config.model.attention_resolutions=(4,)',
+                     '--config.model.num_res_blocks=1'],
         'bench_dit.py': ['--config.model.hidden=32', '--config.model.num_layers=2',
                          '--config.model.num_heads=2']}
 
@@ -26,7 +27,7 @@ TINY = {'bench.py': ['--config.model.channels=16', '--config.model.channel_mult=
 def test_benchmark_writes_every_field(tmp_path, config):
   out = tmp_path / 'bench.json'
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
-         f'--config={os.path.join(ROOT, "configs", config)}', '--config.data.image_size=16',
+         f'--config={os.path.join(ROOT, "configs", config)}', '--config.data.image_size=8',
          *TINY[config], '--config.training.batch_size=4', '--warmup=1', '--repeats=2',
          '--sample_repeats=1',
          '--pipeline_batches=5', '--nofirst_step', f'--output={out}']
@@ -79,8 +80,9 @@ def test_layer_benchmark_prints_every_layer():
 def test_profile_step_sums_the_trace_by_kind(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'profile_step.py'),
          f'--config={os.path.join(ROOT, "configs", "bench.py")}',
-         '--config.data.image_size=16', '--config.model.channels=16',
+         '--config.data.image_size=8', '--config.model.channels=16',
          '--config.model.channel_mult=(1,2)', '--config.model.num_groups=8',
+         '--config.model.attention_resolutions=(4,)', '--config.model.num_res_blocks=1',
          '--config.training.batch_size=4', '--steps=1', '--top=5', f'--trace_dir={tmp_path}']
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

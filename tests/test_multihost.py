@@ -160,7 +160,8 @@ def test_eval_over_two_processes_with_an_uneven_example_count(tmp_path):
   workdir = str(tmp_path / 'run')
   flags = ['--config=configs/digits.py'] + overrides(tiny_image_config())
   launch(*flags, f'--workdir={workdir}', devices=4)
-  bpd = ['--mode=eval', '--config.eval.bpd_num_examples=5', '--config.eval.bpd_batch_size=4']
+  bpd = ['--mode=eval', '--config.eval.bpd_num_examples=5', '--config.eval.bpd_batch_size=4',
+         '--config.eval.ode_bpd=False']  # the bound: what is tested is the split of examples
   launch_processes(flags + [f'--workdir={workdir}'] + bpd, num_processes=2,
                    devices_per_process=2, logdir=str(tmp_path))
   two = metric_logging.read_metrics(workdir)[-1]['eval/bits_per_dim']

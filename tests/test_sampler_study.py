@@ -27,13 +27,20 @@ def test_toy_study_writes_the_table_plot_and_results(tmp_path):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny_toy_config(), workdir, writer=ListWriter())
   out = study(f'--workdir={workdir}', '--calls=2,4', '--samplers=ddim,unipc-2',
-              '--num_samples=500', '--repeats=2')
+              '--num_samples=500', '--repeats=2', '--tolerances=0.05',
+              '--compare_sampler=unipc-2')
   assert '| ddim |' in out and '| unipc-2 |' in out and '| DDPM, 100 calls |' in out
   folder = os.path.join(workdir, 'sampler_study')
   with open(os.path.join(folder, 'results.json')) as f:
     results = json.load(f)
   assert results['steps'] == [4] and results['num_samples'] == 500
   rows = results['rows']
+  adaptive, beside = rows[4], rows[5]  # the adaptive solve, and unipc-2 at its mean calls
+  assert adaptive['sampler'] == 'adaptive (tol 0.05)' and adaptive['calls_max'] >= 8
+  assert beside['sampler'] == 'unipc-2' and beside['calls'] == adaptive['calls']
+  with open(os.path.join(folder, 'adaptive.md')) as f:
+    assert f'| ddpm eps | 0.05 | {adaptive["calls"]} ({adaptive["calls_max"]}) |' in f.read()
+  rows = rows[:4] + rows[6:]
   assert [(r['sampler'], r['calls']) for r in rows] == [
       ('ddim', 2), ('ddim', 4), ('unipc-2', 2), ('unipc-2', 4), ('reference', 100)]
   assert all(len(r['ratios']) == (1 if r['sampler'] == 'reference' else 2)
