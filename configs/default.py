@@ -115,6 +115,14 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.guidance_scale = 1.0  # classifier-free guidance (1: plain conditional)
   sampling.guidance_interval = ()  # (lo, hi): guide only where lo < sigma~ <= hi (): everywhere
   sampling.label = -1  # class of the samples (-1: cycle through the classes)
+  sampling.guide = ''  # autoguidance: workdir of a weaker model of the same data (guidance_scale)
+  sampling.guide_checkpoint_step = -1  # the guide's checkpoint (-1: latest)
+  sampling.inpaint_image = ''  # inpainting (--mode=sample): images to complete (PNG, folder, .npz)
+  sampling.inpaint_mask = 'center'  # PNG/.npz (white: fill) or center, left, right, top, bottom,
+  #                                   random_boxes
+  sampling.inpaint_resample = (0, 1)  # RePaint's (jump, repeats); (0, 1): none; paper: (10, 10)
+  sampling.init_image = ''  # image-to-image (SDEdit): images to start from (PNG, folder, .npz)
+  sampling.strength = 0.6  # image-to-image: share of the sampler's steps run (1: plain sampling)
   sampling.num_samples = 64  # --mode=sample: how many to generate
   sampling.batch_size = 64  # global batch for generation
   sampling.seed = 0  # noise for generation

@@ -61,6 +61,23 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
       raise ValueError('sampling.trajectory draws the steps of a fixed grid; '
                        'sampling.sampler=adaptive chooses its own: draw the strip with another '
                        'sampler.')
+    if mode == 'sample':
+      _validate_editing(config)
+
+
+def _validate_editing(config) -> None:
+  """Inpainting, image-to-image and autoguidance: what they combine with (the tables build the
+  rest: a resampling sampler, a strength that keeps no step)."""
+  samp = config.sampling
+  edits = [f for f in ('inpaint_image', 'init_image') if samp[f]]
+  if edits and config.data.source == 'toy2d':
+    raise ValueError(f'sampling.{edits[0]} edits images; data.source=toy2d has points.')
+  if len(edits) == 2:
+    raise ValueError('sampling.inpaint_image and sampling.init_image are both set: inpainting '
+                     'and image-to-image are separate runs; keep one.')
+  if edits and samp.sampler == ode.SAMPLER:
+    raise ValueError(f'sampling.{edits[0]} runs on the sampler tables; sampling.sampler=adaptive '
+                     'solves the ODE without them: choose another sampler.')
 
 
 def validate_labels(config, num_classes: int) -> None:

@@ -23,8 +23,8 @@ import math
 import numbers
 from typing import Callable, Optional
 
-from diffusion_jax import (diffusion, models, ode, phema, posthoc_ema, processes, schedules,
-                           sources, step_tables, timesteps)
+from diffusion_jax import (diffusion, models, ode, phema, posthoc_ema, processes, run_config,
+                           schedules, sources, step_tables, timesteps)
 from diffusion_jax.models import attention, dit
 
 MODES = ('train', 'sample', 'eval', 'summary')
@@ -161,6 +161,10 @@ CONDITIONAL = is_set('data.class_conditional', 'a class-conditional run (data.cl
 SAMPLERS = step_tables.SAMPLERS + (ode.SAMPLER,)  # the tables, and the adaptive ODE solve
 STEPPED = tuple(s for s in step_tables.SAMPLERS if s != 'ddpm')  # ddpm runs all T steps
 NOT_DDPM = when('sampler', *STEPPED)
+AUTOGUIDED = is_set('sampling.guide', 'autoguidance (sampling.guide)')
+GUIDED = either(CONDITIONAL, AUTOGUIDED)
+INPAINT = is_set('sampling.inpaint_image', 'inpainting (sampling.inpaint_image)')
+IMG2IMG = is_set('sampling.init_image', 'image-to-image (sampling.init_image)')
 PHEMA = is_set('training.phema_sigma_rels', 'post-hoc EMA (training.phema_sigma_rels)')
 FID = is_set('eval.inception_path', 'FID (eval.inception_path)')
 BPD = Condition(lambda run: run.config.eval.bpd_num_examples > 0,
@@ -290,9 +294,18 @@ FIELDS = {
     'sampling.variance': Field(str, SAMPLING, choices=('small', 'large'),
                                needs=(either(when('sampler', 'ddpm'), BPD),)),
     'sampling.clip_x0': Field(float, SAMPLING, lo=0.0),
-    'sampling.guidance_scale': Field(float, SAMPLING, lo=0.0, needs=(CONDITIONAL,)),
+    'sampling.guidance_scale': Field(float, SAMPLING, lo=0.0, needs=(GUIDED,)),
     'sampling.guidance_interval': Field((float,), SAMPLING, lo=0.0, lengths=(0, 2),
-                                        needs=(CONDITIONAL,)),
+                                        needs=(GUIDED,)),
+    'sampling.guide': Field(str, ('sample',)),
+    'sampling.guide_checkpoint_step': Field(read_by=('sample',), lo=-1, needs=(AUTOGUIDED,),
+                                            **INT),
+    'sampling.inpaint_image': Field(str, ('sample',), needs=(IMAGES,)),
+    'sampling.inpaint_mask': Field(str, ('sample',), needs=(INPAINT,)),
+    'sampling.inpaint_resample': Field((int,), ('sample',), lo=0, lengths=(2,), needs=(INPAINT,)),
+    'sampling.init_image': Field(str, ('sample',), needs=(IMAGES,)),
+    'sampling.strength': Field(float, ('sample',), lo=0.0, lo_open=True, hi=1.0,
+                               needs=(IMG2IMG,)),
     'sampling.label': Field(read_by=SAMPLING, lo=-1, needs=(CONDITIONAL,), **INT),
     'sampling.num_samples': Field(read_by=('sample',), **POSITIVE_INT),
     'sampling.batch_size': Field(read_by=SAMPLING, **POSITIVE_INT),
@@ -324,24 +337,6 @@ FIELDS = {
 }
 
 
-def _same(a, b) -> bool:
-  """Equal config values, a tuple equal to the list JSON makes of it."""
-  plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
-  return plain(a) == plain(b)
-
-
-def _flat(config) -> dict:
-  """{'group.field': value} of a ConfigDict's two levels."""
-  out = {}
-  for group, fields in config.items():
-    if hasattr(fields, 'items'):
-      for name, value in fields.items():
-        out[f'{group}.{name}'] = value
-    else:
-      out[group] = fields
-  return out
-
-
 def unknown_field_error(path: str) -> ValueError:
   close = difflib.get_close_matches(path, FIELDS, n=2, cutoff=0.8)
   hint = f' (did you mean {" or ".join(close)}?)' if close else ''
@@ -352,7 +347,7 @@ def unknown_field_error(path: str) -> ValueError:
 def check_domains(config) -> None:
   """Raises ValueError, in one line naming the field, its value and its domain, for the first
   field outside its domain or not known at all."""
-  for path, value in _flat(config).items():
+  for path, value in run_config.flat(config).items():
     field = FIELDS.get(path)
     if field is None:
       raise unknown_field_error(path)
@@ -376,7 +371,7 @@ def check_applies(config, mode: str, given: dict, defaults=None) -> None:
     field = FIELDS.get(path)
     if field is None:
       raise unknown_field_error(path)
-    if defaults is not None and _same(value, _flat(defaults).get(path)):
+    if defaults is not None and run_config.plain(value) == run_config.flat(defaults).get(path):
       continue
     unmet = [c.describe(run) for c in field.needs if not c.holds(run)]
     if unmet:

@@ -125,28 +125,31 @@ NETWORK_DATA_FIELDS = ('source', 'name', 'image_size', 'channels', 'class_condit
                        'num_classes')
 
 
-def _plain(value):
+def plain(value):
   """A config value as JSON holds it: sequences as lists."""
   return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def _flat(config) -> dict:
-  """{'group.field': value} of a ConfigDict or dict, sequences as lists (as JSON has them)."""
+def flat(config) -> dict:
+  """{'group.field': value} of a ConfigDict or dict, sequences as lists (as JSON has them); a
+  value outside the groups keeps its own name."""
   values = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
   out = {}
   for group, fields in values.items():
     if isinstance(fields, dict):
       for name, value in fields.items():
-        out[f'{group}.{name}'] = _plain(value)
+        out[f'{group}.{name}'] = plain(value)
+    else:
+      out[group] = plain(fields)
   return out
 
 
 def changed_overrides(config_file: str, overrides: dict) -> dict:
   """Of the command line's overrides ({'group.field': value}), those whose value differs from
   the config file's own: an override that repeats the file's value changes nothing."""
-  own = _flat(config_from_file(config_file))
+  own = flat(config_from_file(config_file))
   return {key: value for key, value in overrides.items()
-          if key not in own or own[key] != _plain(value)}
+          if key not in own or own[key] != plain(value)}
 
 
 def is_network_field(key: str) -> bool:
@@ -159,7 +162,7 @@ def is_network_field(key: str) -> bool:
 def differences(trained, given, keys=None) -> dict:
   """{field: (trained value, given value)} where the two configs differ (fields either lacks
   are compared with None); only `keys` when given."""
-  a, b = _flat(trained), _flat(given)
+  a, b = flat(trained), flat(given)
   keys = sorted(set(a) | set(b)) if keys is None else keys
   return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
@@ -235,7 +238,7 @@ def for_sampling(config, workdir: str, overrides: dict) -> ml_collections.Config
     if key in overrides:
       group, _, name = key.partition('.')
       merged[group][name] = config[group][name]
-  for key in _flat(config):
+  for key in flat(config):
     group, _, name = key.partition('.')
     if group == 'data' and not is_network_field(key) and name in merged.data:
       merged.data[name] = config.data[name]

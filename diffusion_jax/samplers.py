@@ -30,7 +30,8 @@ DenoiseFn = Callable[[Array, Array], Array]
 
 
 def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Array,
-                *, clip_x0: bool | float = True, return_trajectory: bool = False):
+                *, clip_x0: bool | float = True, return_trajectory: bool = False,
+                x_start: Array | None = None, known: tuple[Array, Array] | None = None):
   """Runs a reverse chain as one lax.scan.
 
   Args:
@@ -38,6 +39,12 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
     x_T: standard normal noise [B, ...]; the chain starts at steps.init_scale x_T.
     clip_x0: clip each x0_hat to [-1, 1] (True, for images in [-1, 1]), to [-c, c] (a number
       c, e.g. for 2-D data in their own coordinates), or not at all (False / 0).
+    x_start: where the chain starts instead [B, ...] (image-to-image: an image noised to the
+      level of the table's first time, `editing.noised`).
+    known: inpainting, (image [B, ...], keep [B, ...] or broadcastable, 1 where the pixel is
+      known): after every row x <- keep (alpha' image + sigma' z) + (1 - keep) x at the row's
+      output level, then RePaint's forward jump where the table has one. The table must come
+      from `editing.for_inpainting`.
   Returns:
     x_0 [B, ...], or (x_0, trajectory [S + 1, B, ...] from the start to x_0) when asked.
   """
@@ -53,13 +60,20 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
   rows = (jnp.arange(steps.num_calls), real(steps.t), real(steps.corr_x),
           real(steps.corr_prev), real(steps.corr_d[:, :k]), real(steps.coef_xt),
           real(steps.coef_x0[:, :k]), real(steps.sigma))
+  if known is not None:
+    if steps.alpha_next is None:
+      raise ValueError('inpainting needs the table of editing.for_inpainting.')
+    image, keep = (jnp.asarray(a, compute) for a in known)
+    rows += (real(steps.alpha_next), real(steps.sigma_next), real(steps.renoise_scale),
+             real(steps.renoise_sigma))
+    renoises = bool(np.any(steps.renoise_sigma != 0) or np.any(steps.renoise_scale != 1))
 
   def combine(coefs, hist):  # sum_j coefs[j] * hist[j]
     return jnp.tensordot(coefs, hist, axes=1)
 
   def step(carry, row):
     x, anchor, hist = carry
-    i, t, corr_x, corr_prev, corr_d, coef_xt, coef_x0, sigma = row
+    i, t, corr_x, corr_prev, corr_d, coef_xt, coef_x0, sigma = row[:8]
     x0 = denoise_fn(x, jnp.full((batch,), t, compute)).astype(compute)
     if clip_x0:
       bound = 1.0 if clip_x0 is True else float(clip_x0)
@@ -72,10 +86,19 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
     new = coef_xt * anchor + combine(coef_x0, hist)
     if noisy:
       new = new + sigma * jax.random.normal(jax.random.fold_in(rng, i), x.shape, compute)
+    if known is not None:
+      alpha_next, sigma_next, renoise_scale, renoise_sigma = row[8:]
+      draw = lambda j: jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, i), j),
+                                         x.shape, compute)
+      new = keep * (alpha_next * image + sigma_next * draw(1)) + (1.0 - keep) * new
+      if renoises:
+        new = renoise_scale * new + renoise_sigma * draw(2)
     new = new.astype(dtype)
     return (new, anchor, hist), (new if return_trajectory else None)
 
-  if steps.init_scale != 1.0:
+  if x_start is not None:
+    x_T = x_start.astype(dtype)
+  elif steps.init_scale != 1.0:
     x_T = (x_T * steps.init_scale).astype(dtype)
   init = (x_T, x_T.astype(compute), jnp.zeros((k,) + x_T.shape, compute))
   (x0, _, _), traj = jax.lax.scan(step, init, rows)

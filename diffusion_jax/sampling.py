@@ -19,8 +19,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from diffusion_jax import (config_checks, files, generation, images, parallel, stop_signals,
-                           task as task_lib)
+from diffusion_jax import (config_checks, editing, files, generation, images, parallel,
+                           run_config, stop_signals, task as task_lib)
 
 
 def _save_npz(path: str, payload: dict) -> None:
@@ -48,19 +48,68 @@ def sample(config, workdir: str) -> dict:
     return _sample(config, workdir, mesh, stop)
 
 
+def edit_inputs(config, task: task_lib.Task) -> dict | None:
+  """The images of inpainting or image-to-image, float32 [N, H, W, C] in [-1, 1] (`image`), and
+  for inpainting `keep`, 1 where a pixel is known [N, H, W, C]; None when not editing."""
+  sc, info = config.sampling, task.info
+  mode = generation.editing_mode(config)
+  if mode is None:
+    return None
+  setting = 'sampling.inpaint_image' if mode == 'inpaint' else 'sampling.init_image'
+  size, channels = info.shape[0], info.shape[-1]
+  image = images.to_model_range(editing.load_images(config.sampling[setting.split('.')[1]],
+                                                    size, channels, setting))
+  logging.info('%s: %d images from %s.', mode, len(image), sc[setting.split('.')[1]])
+  if mode == 'img2img':
+    return {'image': image}
+  mask = editing.load_mask(sc.inpaint_mask, len(image), size, seed=sc.seed)
+  keep = np.broadcast_to(1.0 - mask, image.shape).astype(np.float32)
+  return {'image': image, 'keep': keep}
+
+
+# What a guide must share with the run it guides: its data and its process.
+GUIDE_SHARES = ('data.source', 'data.name', 'data.image_size', 'data.channels',
+                'data.class_conditional', 'data.num_classes', 'diffusion.process',
+                'diffusion.schedule', 'diffusion.num_timesteps')
+
+
+def load_guide(config, mesh):
+  """Autoguidance's guide (sampling.guide): ((its Task, its prediction type), its EMA
+  parameters), or (None, None). It must model the same data with the same process."""
+  sc = config.sampling
+  if not sc.guide:
+    return None, None
+  guide_config = run_config.load_config(sc.guide)
+  for field in GUIDE_SHARES:
+    group, name = field.split('.')
+    theirs, ours = guide_config[group].get(name), config[group].get(name)
+    if theirs != ours:
+      raise ValueError(f'sampling.guide={sc.guide!r} was trained with {field}={theirs!r}, this '
+                       f'run with {ours!r}; the guide must model the same data with the same '
+                       'process.')
+  guide_task = task_lib.create_task(guide_config)
+  step = None if sc.guide_checkpoint_step < 0 else sc.guide_checkpoint_step
+  params, guide_step = task_lib.restore_ema_params(guide_config, guide_task, mesh, sc.guide, step)
+  logging.info('Autoguidance: guide %s at step %d, scale %g.', sc.guide, guide_step,
+               sc.guidance_scale)
+  return (guide_task, guide_config.diffusion.prediction_type), params
+
+
 def _sample(config, workdir: str, mesh, stop: stop_signals.StopFlag) -> dict:
   sc = config.sampling
   task = task_lib.create_task(config)
   config_checks.validate_labels(config, task.info.num_classes)
+  inputs = edit_inputs(config, task)
+  guide, guide_params = load_guide(config, mesh)
   params, step = task_lib.restore_ema_params(
       config, task, mesh, workdir, None if sc.checkpoint_step < 0 else sc.checkpoint_step)
-  generate = generation.make_generate_fn(config, task, mesh)
+  generate = generation.make_generate_fn(config, task, mesh, guide=guide)
   rng = jax.random.PRNGKey(sc.seed)
   logging.info('Sampling %d samples from step %d in batches of up to %d (Ctrl-C stops it).',
                sc.num_samples, step, sc.batch_size)
   start = time.perf_counter()
   x, calls = generate(params, rng, sc.num_samples, log_progress=True, stop=stop,
-                      with_calls=True)
+                      with_calls=True, inputs=inputs, guide_params=guide_params)
   seconds = time.perf_counter() - start
   if generate.num_calls is None:
     logging.info('%d samples from step %d in %.2f s: %s (rtol %g, atol %g), %.1f network calls '
@@ -73,20 +122,32 @@ def _sample(config, workdir: str, mesh, stop: stop_signals.StopFlag) -> dict:
   toy = config.data.source == 'toy2d'
   traj = None
   if sc.trajectory:  # computed before anything is written, so that a signal leaves no half set
-    traj_fn = generation.make_generate_fn(config, task, mesh, return_trajectory=True)
-    _, traj = traj_fn(params, rng, 1000 if toy else 8, stop=stop)
+    traj_fn = generation.make_generate_fn(config, task, mesh, return_trajectory=True,
+                                          guide=guide)
+    _, traj = traj_fn(params, rng, 1000 if toy else 8, stop=stop, inputs=inputs,
+                      guide_params=guide_params)
   stop.check()  # nothing is written after a signal
   paths = {}
   if jax.process_index() == 0:
     paths['npz'] = os.path.join(out_dir, 'samples.npz')
     payload = {'points': x.astype(np.float32)} if toy else {'images': images.to_uint8(x)}
     payload['network_calls'] = calls.astype(np.int32)
+    if inputs is not None:  # what each sample edited: input i % N
+      index = np.arange(len(x)) % len(inputs['image'])
+      payload['inputs'] = images.to_uint8(inputs['image'][index])
+      if 'keep' in inputs:
+        payload['masks'] = (1.0 - inputs['keep'][index, ..., :1]).astype(np.uint8)
     if task.info.num_classes:
       payload['labels'] = generation.sample_labels(np.arange(len(x), dtype=np.int32), sc.label,
                                                    task.info.num_classes)
     _save_npz(paths['npz'], payload)
     paths['grid'] = os.path.join(out_dir, 'grid.png')
     _save_png(paths['grid'], images.picture(config, x if toy else x[:64]))
+    if inputs is not None:  # the inputs as the sampler saw them: grey where it filled in
+      shown = inputs['image'] * inputs.get('keep', 1.0)
+      paths['inputs'] = os.path.join(out_dir, 'inputs.png')
+      _save_png(paths['inputs'], images.picture(config, shown[np.arange(min(len(x), 64))
+                                                              % len(shown)]))
     if traj is not None:
       paths['trajectory'] = os.path.join(out_dir, 'trajectory.png')
       _save_png(paths['trajectory'], images.trajectory_strip(config, traj))

@@ -76,6 +76,13 @@ class ReverseSteps(NamedTuple):
   coef_x0: np.ndarray  # [S, K]
   sigma: np.ndarray  # [S]
   init_scale: float = 1.0  # the chain starts at init_scale x_T
+  # Inpainting (`editing.for_inpainting`; None otherwise): the rates of x after each row, where
+  # the known pixels are imposed, and RePaint's forward jump after it,
+  # x <- renoise_scale x + renoise_sigma z.
+  alpha_next: np.ndarray | None = None  # [S]
+  sigma_next: np.ndarray | None = None  # [S]
+  renoise_scale: np.ndarray | None = None  # [S]
+  renoise_sigma: np.ndarray | None = None  # [S]
 
   @property
   def num_calls(self) -> int:
@@ -96,9 +103,9 @@ def _plain_table(t, coef_xt, coef_x0, sigma, init_scale=1.0) -> ReverseSteps:
                       np.asarray(sigma, np.float64), init_scale)
 
 
-def ddpm_steps(process, variance: str = 'small') -> ReverseSteps:
-  """All T ancestral steps of the ddpm process. variance: 'small' (posterior beta~_t) or
-  'large' (beta_t)."""
+def ddpm_steps(process, variance: str = 'small', strength: float = 1.0) -> ReverseSteps:
+  """All T ancestral steps of the ddpm process (with strength < 1 the last int(T strength)).
+  variance: 'small' (posterior beta~_t) or 'large' (beta_t)."""
   process = processes.as_process(process)
   if not process.discrete:
     raise ValueError(f'sampling.sampler=ddpm runs the T steps of the discrete chain, which '
@@ -116,7 +123,7 @@ def ddpm_steps(process, variance: str = 'small') -> ReverseSteps:
   var[0] = 0.0  # the last step returns the posterior mean
   coef_x0 = betas * np.sqrt(abar_prev) / (1.0 - abar)
   coef_xt = (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)
-  t = np.arange(process.num_timesteps)[::-1]
+  t = timesteps.started(np.arange(process.num_timesteps)[::-1], strength)
   return _plain_table(t, coef_xt[t], coef_x0[t], np.sqrt(var[t]))
 
 
@@ -131,17 +138,18 @@ def _path(process, times: np.ndarray):
   return alpha, sigma, lam
 
 
-def _log_snr_path(process, num_steps: int, spacing: str, shift: float = 1.0):
+def _log_snr_path(process, num_steps: int, spacing: str, shift: float = 1.0,
+                  strength: float = 1.0):
   """Decreasing times [S] of the spacing and alpha, sigma, lambda ([S + 1], see `_path`)."""
   process = processes.as_process(process)
-  seq = timesteps.sampler_times(process, num_steps, spacing, shift)
+  seq = timesteps.sampler_times(process, num_steps, spacing, shift, strength)
   return (seq,) + _path(process, seq)
 
 
 def ddim_steps(process, num_steps: int, eta: float = 0.0, spacing: str = 'leading',
-               shift: float = 1.0) -> ReverseSteps:
+               shift: float = 1.0, strength: float = 1.0) -> ReverseSteps:
   """S DDIM steps with stochasticity eta (0: deterministic DDIM, 1: DDPM-like)."""
-  seq, alpha, sigma, _ = _log_snr_path(process, num_steps, spacing, shift)
+  seq, alpha, sigma, _ = _log_snr_path(process, num_steps, spacing, shift, strength)
   a, s, a_next, s_next = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
   st, st_next = s / a, s_next / a_next
   noise = eta * a_next * st_next * np.sqrt(np.maximum(st ** 2 - st_next ** 2, 0.0)) / st
@@ -163,10 +171,11 @@ def _final_row(k: int):
 
 
 def dpm_solver_pp_steps(process, num_steps: int, order: int = 2, spacing: str = 'linspace',
-                        stochastic: bool = False, shift: float = 1.0) -> ReverseSteps:
+                        stochastic: bool = False, shift: float = 1.0,
+                        strength: float = 1.0) -> ReverseSteps:
   """DPM-Solver++(order M) multistep, or its SDE form, over `num_steps` times."""
   _check_order(order)
-  seq, alpha, sigma, lam = _log_snr_path(process, num_steps, spacing, shift)
+  seq, alpha, sigma, lam = _log_snr_path(process, num_steps, spacing, shift, strength)
   s, k = len(seq), MAX_ORDER
   coef_xt, coef_x0, noise = np.zeros(s), np.zeros((s, k)), np.zeros(s)
   for i in range(s):
@@ -235,11 +244,11 @@ def _unipc_rhos(lam: np.ndarray, t: int, s0: int, previous: list, corrector: boo
 
 
 def unipc_steps(process, num_steps: int, order: int = 2, spacing: str = 'linspace',
-                shift: float = 1.0) -> ReverseSteps:
+                shift: float = 1.0, strength: float = 1.0) -> ReverseSteps:
   """UniPC-p (bh2, data prediction) over `num_steps` times, the UniC corrector after every step
   but the last."""
   _check_order(order)
-  seq, alpha, sigma, lam = _log_snr_path(process, num_steps, spacing, shift)
+  seq, alpha, sigma, lam = _log_snr_path(process, num_steps, spacing, shift, strength)
   s, k = len(seq), MAX_ORDER + 1
   orders = [min(order, i + 1, s - i) for i in range(s)]
   table = {name: np.zeros(s) for name in ('corr_x', 'corr_prev', 'coef_xt')}
@@ -295,11 +304,11 @@ def _raised(process, t: float, gamma: float):
 
 def edm_steps(process, num_steps: int, spacing: str = 'karras', shift: float = 1.0, *,
               s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-              s_noise: float = 1.0) -> ReverseSteps:
+              s_noise: float = 1.0, strength: float = 1.0) -> ReverseSteps:
   """Karras et al. (2022) Algorithm 2 over `num_steps` noise levels (2 num_steps - 1 network
   calls); with s_churn = 0 it is Algorithm 1, the deterministic Heun sampler."""
   process = processes.as_process(process)
-  seq = timesteps.sampler_times(process, num_steps, spacing, shift)
+  seq = timesteps.sampler_times(process, num_steps, spacing, shift, strength)
   n = len(seq)
   alpha, sigma, _ = _path(process, seq)
   st = sigma / alpha  # sigma~ [n + 1], 0 at the end
@@ -332,9 +341,9 @@ def edm_steps(process, num_steps: int, spacing: str = 'karras', shift: float = 1
 
 
 def euler_maruyama_steps(process, num_steps: int, spacing: str = 'karras',
-                         shift: float = 1.0) -> ReverseSteps:
+                         shift: float = 1.0, strength: float = 1.0) -> ReverseSteps:
   """Euler-Maruyama on the reverse SDE (see the module docstring) over `num_steps` times."""
-  seq, alpha, sigma, _ = _log_snr_path(process, num_steps, spacing, shift)
+  seq, alpha, sigma, _ = _log_snr_path(process, num_steps, spacing, shift, strength)
   st = sigma / alpha
   r = st[1:] / st[:-1]
   ratio = alpha[1:] / alpha[:-1]
@@ -354,21 +363,25 @@ def num_steps_for_calls(sampler: str, calls: int) -> int:
 def build(sampler: str, process, *, num_steps: int, eta: float = 0.0, order: int = 2,
           spacing: str = 'leading', stochastic: bool = False, variance: str = 'small',
           shift: float = 1.0, s_churn: float = 0.0, s_tmin: float = 0.0,
-          s_tmax: float = math.inf, s_noise: float = 1.0) -> ReverseSteps:
+          s_tmax: float = math.inf, s_noise: float = 1.0,
+          strength: float = 1.0) -> ReverseSteps:
   """The table of the sampler called `sampler` (one of SAMPLERS) with these settings on
   `process` (a Schedule stands for its ddpm process). DDPM always runs all T steps and
-  ignores num_steps, spacing and order; heun and edm make 2 num_steps - 1 network calls."""
+  ignores num_steps, spacing and order; heun and edm make 2 num_steps - 1 network calls.
+  strength < 1 keeps the last int(S strength) times of the grid (`timesteps.started`)."""
   if sampler == 'ddpm':
-    return ddpm_steps(process, variance)
+    return ddpm_steps(process, variance, strength)
   if sampler in ('ddim', 'euler'):
-    return ddim_steps(process, num_steps, eta if sampler == 'ddim' else 0.0, spacing, shift)
+    return ddim_steps(process, num_steps, eta if sampler == 'ddim' else 0.0, spacing, shift,
+                      strength)
   if sampler == 'dpm_solver++':
-    return dpm_solver_pp_steps(process, num_steps, order, spacing, stochastic, shift)
+    return dpm_solver_pp_steps(process, num_steps, order, spacing, stochastic, shift, strength)
   if sampler == 'unipc':
-    return unipc_steps(process, num_steps, order, spacing, shift)
+    return unipc_steps(process, num_steps, order, spacing, shift, strength)
   if sampler in ('heun', 'edm'):
     churn = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
-    return edm_steps(process, num_steps, spacing, shift, **(churn if sampler == 'edm' else {}))
+    return edm_steps(process, num_steps, spacing, shift, strength=strength,
+                     **(churn if sampler == 'edm' else {}))
   if sampler == 'euler_maruyama':
-    return euler_maruyama_steps(process, num_steps, spacing, shift)
+    return euler_maruyama_steps(process, num_steps, spacing, shift, strength)
   raise ValueError(f'sampling.sampler={sampler!r} is unknown; choose one of {SAMPLERS}.')

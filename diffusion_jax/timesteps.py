@@ -66,9 +66,27 @@ def _wanted_sigmas(sig_lo: float, sig_hi: float, num_steps: int, spacing: str,
   return shifted_sigmas(sig_lo, sig_hi, num_steps, shift)
 
 
-def sampler_times(process, num_steps: int, spacing: str, shift: float = 1.0) -> np.ndarray:
+def started(times: np.ndarray, strength: float) -> np.ndarray:
+  """The last int(S strength) of S decreasing `times`: image-to-image (SDEdit, Meng et al. 2022)
+  starts part-way down a sampler's grid, at the noise level of its first kept time, and makes
+  that many steps, as diffusers' img2img does. strength 1 keeps them all."""
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f'sampling.strength={strength} must lie in (0, 1] (1: plain sampling).')
+  keep = int(len(times) * strength + 1e-9)
+  if keep < 1:
+    raise ValueError(f'sampling.strength={strength} keeps none of the {len(times)} times of the '
+                     f'grid; raise it to at least {1.0 / len(times):.3g} or raise '
+                     'sampling.num_steps.')
+  return times[len(times) - keep:]
+
+
+def sampler_times(process, num_steps: int, spacing: str, shift: float = 1.0,
+                  strength: float = 1.0) -> np.ndarray:
   """The times [S] a sampler visits on `process`, decreasing, float64 (see the module docstring).
-  On the ddpm process they are the integer timesteps of `sampler_timesteps`."""
+  On the ddpm process they are the integer timesteps of `sampler_timesteps`. With strength < 1
+  only the last int(S strength) of them (`started`)."""
+  if strength != 1.0:
+    return started(sampler_times(process, num_steps, spacing, shift), strength)
   if process.discrete:
     return sampler_timesteps(process.alphas_cumprod64, num_steps, spacing, shift)[::-1] * 1.0
   if spacing not in CONTINUOUS_SPACINGS:

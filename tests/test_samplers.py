@@ -95,7 +95,8 @@ def test_ddim_full_steps_eta1_is_ddpm_small():
   ddpm = step_tables.ddpm_steps(SCHED, 'small')
   np.testing.assert_array_equal(ddim.t, ddpm.t)
   for a, b in zip(ddim[1:], ddpm[1:]):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7)
+    if a is not None or b is not None:  # (the inpainting columns are None in both)
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7)
   # The same table and the same noise: the same samples, up to float rounding.
   rng = jax.random.PRNGKey(5)
   a = samplers.ddim_sample(exact_eps, SCHED, x_T(), rng, num_steps=1000, eta=1.0, clip_x0=False)
