@@ -77,15 +77,16 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 # --- pictures of samples -------------------------------------------------------------------------
 
-def picture(config, x: np.ndarray) -> np.ndarray:
+def picture(config, x: np.ndarray, ncols: int | None = None) -> np.ndarray:
   """uint8 [H, W, C]: a scatter plot of points, or a grid of images (small ones enlarged).
 
   x: float32 samples [n, ...] as the generator returns them (points [n, 2], or images in [-1, 1]).
+  ncols: images per row of the grid (default: a square grid).
   """
   if config.data.source == 'toy2d':
     return scatter(x)
   scale = max(1, 64 // config.data.image_size)
-  return make_grid(to_uint8(x), scale=scale, pad=max(1, scale // 2))
+  return make_grid(to_uint8(x), ncols=ncols, scale=scale, pad=max(1, scale // 2))
 
 
 def trajectory_strip(config, traj: np.ndarray, num_frames: int = 10) -> np.ndarray:

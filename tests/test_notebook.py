@@ -41,8 +41,9 @@ def test_notebook_restores_and_shows_samples(tmp_path):
   errors = [o for o in outputs if o.output_type == 'error']
   assert not errors, errors
   images = [o for o in outputs if o.output_type == 'display_data' and 'image/png' in o.data]
-  assert len(images) == 1 and len(images[0].data['image/png']) > 100
+  assert len(images) == 2 and all(len(i.data['image/png']) > 100 for i in images)
   text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
   assert 'restored the EMA parameters of step 2' in text
+  assert 'inpainted (4, 8, 8, 1)' in text
   assert f'executable {sys.executable}' in text  # the kernel runs this interpreter
   assert 'tensorflow imported: False' in text
