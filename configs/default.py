@@ -146,8 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
   ev.ode_bpd = True  # bits/dim through the probability-flow ODE (ddpm: besides the bound)
   ev.ode_probes = 1  # Hutchinson probes per example (0: the exact divergence; 2-D data: exact)
   ev.ode_probe_kind = 'rademacher'  # rademacher | gaussian
-  ev.ode_rtol = 1e-5  # the likelihood ODE's tolerances
-  ev.ode_atol = 1e-5
+  ev.ode_rtol = 1e-3  # the likelihood ODE's tolerances (converged on digits: docs/likelihoods.md)
+  ev.ode_atol = 1e-3
   ev.inception_batch_size = 200  # images per Inception-v3 call (split over the local devices)
   ev.kid_subset_size = 1000  # KID: rows per random subset (capped at the sample count)
   ev.kid_num_subsets = 100  # KID: random subsets averaged

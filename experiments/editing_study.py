@@ -17,13 +17,17 @@ its features as a ratio to real data's, 1 = as close as real data).
 - **Image-to-image**: each held-out image is noised to --strengths and sampled back with the
   run's own sampler; the share of results of the input's label, and the ratio.
 - **Autoguidance**: the run's samples guided by each of --guides (a workdir, or workdir:step for
-  one of its checkpoints) at each of --guidance_scales, with the run's own sampler, against the
-  run alone at the same sampler steps (and at twice the steps: autoguidance evaluates two
-  networks per step).
+  one of its checkpoints) at each of --guidance_scales, with the run's own sampler (at
+  --guided_steps), against the run alone at the same sampler steps and at twice the steps
+  (autoguidance evaluates two networks per step).
 
-Writes `tables.md` (also printed), `results.json`, `inpainting.png` (per mask: the image, the
-masked input, a completion without and with resampling) and `sdedit.png` (the inputs, then one
-row per strength) to --out.
+- **References**: the held-out images themselves, each --copies times (the edits' copies of
+  one image are alike, so even the images themselves do not score a ratio of 1), and the
+  nearest-neighbour completion of each mask.
+
+--parts runs some of the parts (default: all). Writes `tables.md` (also printed),
+`results.json`, `inpainting.png` (per mask: the image, the masked input, a completion without
+and with resampling) and `sdedit.png` (the inputs, then one row per strength) to --out.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import (editing, files, generation, images, npz_files, parallel, run_config,
-                           sampling)
+                           sampling, sources)
 from diffusion_jax import task as task_lib
 from experiments import judge as judge_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -65,7 +69,10 @@ flags.DEFINE_list('repaint', ['2', '5'], 'RePaint\'s jump, repeats (rows of the 
 flags.DEFINE_list('strengths', ['0.2', '0.4', '0.6', '0.8', '1.0'], 'Image-to-image strengths.')
 flags.DEFINE_list('guides', [], 'Autoguidance: guide runs, workdir or workdir:step.')
 flags.DEFINE_list('guidance_scales', ['1.5', '2', '3'], 'Autoguidance scales.')
+flags.DEFINE_integer('guided_steps', 0, 'Autoguidance: sampler steps (0: the run\'s own).')
 flags.DEFINE_integer('seed', 0, 'Noise of every set.')
+PARTS = ('inpainting', 'image_to_image', 'autoguidance')
+flags.DEFINE_multi_enum('parts', list(PARTS), PARTS, 'Parts of the study to run.')
 flags.mark_flags_as_required(['workdir', 'held_out'])
 FLAGS = flags.FLAGS
 
@@ -91,6 +98,27 @@ def judged(judge, x, labels) -> dict:
   share = judge.class_share(x, labels)
   ratio = judge.score(x) if len(x) >= judge.num_samples else float('nan')
   return {'label_share': share, 'ratio': ratio}
+
+
+def references(config, judge, held, labels) -> list:
+  """What the edits are read against: the held-out images themselves, each --copies times (as
+  many and as alike as the edits, whose ratio is then not 1: the copies are not independent),
+  and per mask the nearest-neighbour completion (the hidden pixels of the training image
+  closest on the known ones)."""
+  tiled = np.tile(labels, FLAGS.copies)
+  rows = [{'reference': 'held-out images', **judged(judge, np.tile(held, (FLAGS.copies, 1, 1, 1)),
+                                                   tiled)}]
+  train = images.to_model_range(sources.load_in_memory(config)[0])
+  for mask_name in FLAGS.masks:
+    keep = (1.0 - editing.named_mask(mask_name, 1, held.shape[1])[0]) > 0  # [H, W, 1]
+    known = np.broadcast_to(keep, held.shape[1:])
+    dist = ((held[:, None][:, :, known] - train[None][:, :, known]) ** 2).sum(-1)
+    completed = np.where(known, held, train[dist.argmin(1)])
+    rows.append({'reference': f'{mask_name}: nearest training image',
+                 **judged(judge, np.tile(completed, (FLAGS.copies, 1, 1, 1)), tiled)})
+  for row in rows:
+    print(row, flush=True)
+  return rows
 
 
 def inpainting(config, task, mesh, params, judge, held, labels) -> tuple[list, dict]:
@@ -134,7 +162,7 @@ def image_to_image(config, task, mesh, params, judge, held, labels) -> tuple[lis
 
 def autoguidance(config, task, mesh, params, judge) -> list:
   n = judge.num_samples
-  steps = config.sampling.num_steps
+  steps = FLAGS.guided_steps or config.sampling.num_steps
   rows = []
   for factor in (1, 2):
     x, made, seconds = generate(config, task, mesh, params, n, num_steps=steps * factor)
@@ -148,7 +176,8 @@ def autoguidance(config, task, mesh, params, judge) -> list:
     guide, guide_params = sampling.load_guide(guide_config, mesh)
     for scale in map(float, FLAGS.guidance_scales):
       x, made, seconds = generate(guide_config, task, mesh, params, n, guide=guide,
-                                  guide_params=guide_params, guidance_scale=scale)
+                                  guide_params=guide_params, guidance_scale=scale,
+                                  num_steps=steps)
       rows.append({'guide': spec, 'guidance_scale': scale, 'calls': made,
                    'network_evaluations': 2 * made, 'ratio': judge.score(x),
                    'seconds': seconds})
@@ -157,19 +186,23 @@ def autoguidance(config, task, mesh, params, judge) -> list:
 
 
 def tables(results: dict) -> str:
-  out = ['Inpainting: share of completions with the true label, judge ratio.', '',
-         '| mask | sampler | resampling | calls | true label | ratio |',
-         '| --- | --- | --- | ---: | ---: | ---: |']
-  for r in results['inpainting']:
+  out = ['References: share with the true label, judge ratio.', '',
+         '| reference | true label | ratio |', '| --- | ---: | ---: |']
+  for r in results['references']:
+    out.append(f'| {r["reference"]} | {100 * r["label_share"]:.1f}% | {r["ratio"]:.2f} |')
+  out += ['', 'Inpainting: share of completions with the true label, judge ratio.', '',
+          '| mask | sampler | resampling | calls | true label | ratio |',
+          '| --- | --- | --- | ---: | ---: | ---: |']
+  for r in results.get('inpainting', []):
     resample = 'none' if r['resample'][1] == 1 else f'jump {r["resample"][0]} x {r["resample"][1]}'
     out.append(f'| {r["mask"]} | {r["sampler"]} | {resample} | {r["calls"]} | '
                f'{100 * r["label_share"]:.1f}% | {r["ratio"]:.2f} |')
   out += ['', 'Image-to-image: share with the input\'s label, judge ratio.', '',
           '| strength | calls | input\'s label | ratio |', '| ---: | ---: | ---: | ---: |']
-  for r in results['image_to_image']:
+  for r in results.get('image_to_image', []):
     out.append(f'| {r["strength"]:g} | {r["calls"]} | {100 * r["label_share"]:.1f}% | '
                f'{r["ratio"]:.2f} |')
-  if results['autoguidance']:
+  if results.get('autoguidance'):
     out += ['', 'Autoguidance: judge ratio.', '',
             '| guide | scale | sampler calls | network evaluations | ratio |',
             '| --- | ---: | ---: | ---: | ---: |']
@@ -179,7 +212,7 @@ def tables(results: dict) -> str:
   return '\n'.join(out) + '\n'
 
 
-def pictures(out: str, held, shown, strips) -> None:
+def inpainting_picture(config, out: str, held, shown) -> None:
   count = min(16, len(held))
   rows = []
   jump, repeats = (int(v) for v in FLAGS.repaint)
@@ -188,11 +221,8 @@ def pictures(out: str, held, shown, strips) -> None:
     keep = 1.0 - editing.named_mask(mask_name, count, held.shape[1])
     rows += [held[:count], held[:count] * keep, shown[(mask_name, name, calls, (0, 1))][:count],
              shown[(mask_name, name, calls, (jump, repeats))][:count]]
-  grid = images.make_grid(images.to_uint8(np.concatenate(rows)), ncols=count)
+  grid = images.picture(config, np.concatenate(rows), ncols=count)
   images.save_png(grid, os.path.join(out, 'inpainting.png'))
-  strip = np.concatenate([held[:12]] + [s[:12] for s in strips])
-  images.save_png(images.make_grid(images.to_uint8(strip), ncols=12),
-                  os.path.join(out, 'sdedit.png'))
 
 
 def main(argv):
@@ -211,14 +241,21 @@ def main(argv):
         f'{judge.description}', flush=True)
   results = {'workdir': FLAGS.workdir, 'step': step, 'held_out': len(held),
              'copies': FLAGS.copies, 'judge': judge.description}
-  results['inpainting'], shown = inpainting(config, task, mesh, params, judge, held, labels)
-  results['image_to_image'], strips = image_to_image(config, task, mesh, params, judge, held,
-                                                     labels)
-  results['autoguidance'] = autoguidance(config, task, mesh, params, judge)
+  results['references'] = references(config, judge, held, labels)
+  if 'inpainting' in FLAGS.parts:
+    results['inpainting'], shown = inpainting(config, task, mesh, params, judge, held, labels)
+    inpainting_picture(config, out, held, shown)
+  if 'image_to_image' in FLAGS.parts:
+    results['image_to_image'], strips = image_to_image(config, task, mesh, params, judge, held,
+                                                       labels)
+    strip = np.concatenate([held[:12]] + [s[:12] for s in strips])
+    images.save_png(images.picture(config, strip, ncols=12),
+                    os.path.join(out, 'sdedit.png'))
+  if 'autoguidance' in FLAGS.parts:
+    results['autoguidance'] = autoguidance(config, task, mesh, params, judge)
   text = tables(results)
   files.write_text(os.path.join(out, 'tables.md'), text)
   files.write_json(os.path.join(out, 'results.json'), results)
-  pictures(out, held, shown, strips)
   print(text)
   print(f'wrote {out}/')
 

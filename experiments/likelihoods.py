@@ -5,10 +5,12 @@
   python experiments/likelihoods.py --workdir=/tmp/roll --num_examples=5000 --out=/tmp/roll_nll
 
 For each run (its config from `<workdir>/config.json`, its EMA parameters): the bits/dim of
---num_examples held-out examples through the ODE (`evaluation.ode_bits_per_dim`: images
-uniformly dequantised over their 8-bit bins, Hutchinson's divergence with --probes probes;
-2-D points with the exact divergence), its standard error over the examples, the network calls
-and the seconds taken; on the ddpm process also the variational bound of the discrete chain.
+--num_examples examples through the ODE (the last of the run's data, which in-memory sources
+such as digits also train on; --held_out=<npz>: images an npz run has not seen), by
+`evaluation.ode_bits_per_dim` (images uniformly dequantised over their 8-bit bins,
+Hutchinson's divergence with --probes probes; 2-D points with the exact divergence), its
+standard error over the examples, the network calls and the seconds taken; on the ddpm process
+also the variational bound of the discrete chain.
 For 2-D data it sets beside them a Gaussian kernel density estimate (scipy, Scott's bandwidth)
 fitted to --kde_points fresh points of the generator and scored on the same examples: a
 reference for the scale of the numbers, not a bound.
@@ -47,7 +49,10 @@ flags.DEFINE_integer('num_examples', 1000, 'Held-out examples per run.')
 flags.DEFINE_integer('batch_size', 500, 'Examples per ODE solve (each solves its own steps).')
 flags.DEFINE_integer('probes', 1, 'Hutchinson probes per example (images; 0: exact).')
 flags.DEFINE_string('probe_kind', 'rademacher', 'rademacher | gaussian.')
-flags.DEFINE_float('tolerance', 1e-5, 'rtol = atol of the likelihood ODE.')
+flags.DEFINE_float('tolerance', 0.0, 'rtol = atol of the likelihood ODE (0: the run\'s '
+                   'eval.ode_rtol and eval.ode_atol).')
+flags.DEFINE_string('held_out', '', 'An .npz of images the runs did not train on (data.source=npz '
+                    'runs); default: the last --num_examples of the run\'s own data.')
 flags.DEFINE_bool('bound', True, 'On the ddpm process also the variational bound.')
 flags.DEFINE_integer('kde_points', 20000, '2-D data: fresh points for the kernel density.')
 flags.mark_flags_as_required(['workdir'])
@@ -67,7 +72,13 @@ def study(workdir: str, mesh) -> dict:
   config = run_config.load_config(workdir)
   config.eval.update(bpd_num_examples=FLAGS.num_examples, bpd_batch_size=FLAGS.batch_size,
                      ode_bpd=True, ode_probes=FLAGS.probes, ode_probe_kind=FLAGS.probe_kind,
-                     ode_rtol=FLAGS.tolerance, ode_atol=FLAGS.tolerance)
+                     ode_rtol=FLAGS.tolerance or config.eval.ode_rtol,
+                     ode_atol=FLAGS.tolerance or config.eval.ode_atol)
+  if FLAGS.held_out:
+    if config.data.source != 'npz':
+      raise app.UsageError(f'--held_out needs runs of data.source=npz; {workdir} is of '
+                           f'{config.data.source!r}.')
+    config.data.path = FLAGS.held_out
   task = task_lib.create_task(config)
   params, step = task_lib.restore_ema_params(config, task, mesh, workdir)
   start = time.perf_counter()
@@ -108,7 +119,7 @@ def main(argv):
   files.write_text(os.path.join(out, 'table.md'), table)
   files.write_json(os.path.join(out, 'results.json'), {
       'rows': rows, 'num_examples': FLAGS.num_examples, 'probes': FLAGS.probes,
-      'probe_kind': FLAGS.probe_kind, 'tolerance': FLAGS.tolerance})
+      'probe_kind': FLAGS.probe_kind, 'tolerance': FLAGS.tolerance or 'the runs\' own'})
   print(table)
   print(f'wrote {out}/')
 

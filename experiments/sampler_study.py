@@ -72,6 +72,8 @@ flags.DEFINE_list('tolerances', [], 'The adaptive ODE solve (sampling.sampler=ad
                   'these rtol = atol, each beside --compare_sampler at its mean calls.')
 flags.DEFINE_string('compare_sampler', 'dpm_solver++(2M)', 'The fixed-grid sampler set beside '
                     'each tolerance of the adaptive solve.')
+flags.DEFINE_float('clip_x0', -1.0, 'sampling.clip_x0 of every row (-1: the run\'s own; 0: no '
+                   'clipping of the data prediction).')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
@@ -82,6 +84,8 @@ def generator(config, task, mesh, n: int, **settings):
   the last set on average, rounded)."""
   config = config.copy_and_resolve_references()
   config.sampling.update(settings)
+  if FLAGS.clip_x0 >= 0:
+    config.sampling.clip_x0 = FLAGS.clip_x0
   config.sampling.batch_size = parallel.round_up(n, mesh.size)
   generate = generation.make_generate_fn(config, task, mesh)
 
