@@ -190,18 +190,21 @@ def tables(results: dict) -> str:
          '| reference | true label | ratio |', '| --- | ---: | ---: |']
   for r in results['references']:
     out.append(f'| {r["reference"]} | {100 * r["label_share"]:.1f}% | {r["ratio"]:.2f} |')
-  out += ['', 'Inpainting: share of completions with the true label, judge ratio.', '',
-          '| mask | sampler | resampling | calls | true label | ratio |',
-          '| --- | --- | --- | ---: | ---: | ---: |']
-  for r in results.get('inpainting', []):
-    resample = 'none' if r['resample'][1] == 1 else f'jump {r["resample"][0]} x {r["resample"][1]}'
-    out.append(f'| {r["mask"]} | {r["sampler"]} | {resample} | {r["calls"]} | '
-               f'{100 * r["label_share"]:.1f}% | {r["ratio"]:.2f} |')
-  out += ['', 'Image-to-image: share with the input\'s label, judge ratio.', '',
-          '| strength | calls | input\'s label | ratio |', '| ---: | ---: | ---: | ---: |']
-  for r in results.get('image_to_image', []):
-    out.append(f'| {r["strength"]:g} | {r["calls"]} | {100 * r["label_share"]:.1f}% | '
-               f'{r["ratio"]:.2f} |')
+  if results.get('inpainting'):
+    out += ['', 'Inpainting: share of completions with the true label, judge ratio.', '',
+            '| mask | sampler | resampling | calls | true label | ratio |',
+            '| --- | --- | --- | ---: | ---: | ---: |']
+    for r in results['inpainting']:
+      resample = ('none' if r['resample'][1] == 1
+                  else f'jump {r["resample"][0]} x {r["resample"][1]}')
+      out.append(f'| {r["mask"]} | {r["sampler"]} | {resample} | {r["calls"]} | '
+                 f'{100 * r["label_share"]:.1f}% | {r["ratio"]:.2f} |')
+  if results.get('image_to_image'):
+    out += ['', 'Image-to-image: share with the input\'s label, judge ratio.', '',
+            '| strength | calls | input\'s label | ratio |', '| ---: | ---: | ---: | ---: |']
+    for r in results['image_to_image']:
+      out.append(f'| {r["strength"]:g} | {r["calls"]} | {100 * r["label_share"]:.1f}% | '
+                 f'{r["ratio"]:.2f} |')
   if results.get('autoguidance'):
     out += ['', 'Autoguidance: judge ratio.', '',
             '| guide | scale | sampler calls | network evaluations | ratio |',

@@ -242,14 +242,22 @@ def test_inputs_and_masks_are_read_from_files_and_named_shapes(tmp_path):
   assert os.path.exists(folder / '0.png')
 
 
-def test_sample_mode_inpaints_edits_and_autoguides_a_trained_run(tmp_path):
-  from diffusion_jax import config_checks, sampling, train  # pylint: disable=g-import-not-at-top
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  """(config, workdir) of a tiny digits run trained for 4 steps (checkpoints at 2 and 4)."""
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
   from tests.test_train import ListWriter  # pylint: disable=g-import-not-at-top
   config = tiny_image_config()
   config.sampling.sampler, config.sampling.num_steps = 'ddim', 4
   config.sampling.num_samples = 5
-  workdir = str(tmp_path / 'run')
+  workdir = str(tmp_path_factory.mktemp('editing') / 'run')
   train.train_and_evaluate(config, workdir, writer=ListWriter())
+  return config, workdir
+
+
+def test_sample_mode_inpaints_edits_and_autoguides_a_trained_run(tmp_path, trained_run):
+  from diffusion_jax import config_checks, sampling  # pylint: disable=g-import-not-at-top
+  config, workdir = trained_run
   digits = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1), dtype=np.uint8)
   np.savez(tmp_path / 'digits.npz', images=digits)
 
@@ -287,3 +295,42 @@ def test_sample_mode_inpaints_edits_and_autoguides_a_trained_run(tmp_path):
   inpaint.sampling.sampler = 'unipc'
   with pytest.raises(ValueError, match='inpaint_resample repeats steps out of order'):
     sampling.sample(inpaint, workdir)
+
+
+def test_editing_study_writes_its_tables_and_pictures(tmp_path, trained_run):
+  """experiments/editing_study.py end to end at tiny sizes: every part, its rows and files."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import sources  # pylint: disable=g-import-not-at-top
+  _, workdir = trained_run
+  digits, labels = sources.load_in_memory(tiny_image_config())
+  np.savez(tmp_path / 'held.npz', images=digits[-6:], labels=labels[-6:])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'study'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, 'experiments', 'editing_study.py'),
+       f'--workdir={workdir}', f'--held_out={tmp_path / "held.npz"}', f'--out={out}',
+       '--copies=2', '--masks=bottom', '--inpaint_samplers=ddim (eta 1)', '--inpaint_calls=4',
+       '--repaint=2,2', '--strengths=0.5,1.0', f'--guides={workdir}:2', '--guidance_scales=2',
+       '--guided_steps=2'],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  with open(out / 'results.json') as f:
+    results = json.load(f)
+  assert [r['reference'] for r in results['references']] == [
+      'held-out images', 'bottom: nearest training image']
+  assert results['references'][0]['label_share'] > 0.5  # the judge's classifier on real digits
+  assert [(r['resample'], r['calls']) for r in results['inpainting']] == [([0, 1], 4),
+                                                                          ([2, 2], 4)]
+  assert [(r['strength'], r['calls']) for r in results['image_to_image']] == [(0.5, 2), (1.0, 4)]
+  assert [(r['guide'], r['network_evaluations']) for r in results['autoguidance']] == [
+      ('', 2), ('', 4), (f'{workdir}:2', 4)]
+  assert all(0.0 <= r['label_share'] <= 1.0
+             for r in results['inpainting'] + results['image_to_image'])
+  for name in ('inpainting.png', 'sdedit.png'):
+    with Image.open(out / name) as im:
+      assert im.size[0] >= 6 * 8 * 8  # enlarged 8x8 digits, six to a row at least
+  with open(out / 'tables.md') as f:
+    assert '| bottom | ddim (eta 1) | jump 2 x 2 | 4 |' in f.read()
