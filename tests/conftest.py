@@ -64,6 +64,19 @@ def tiny_toy_config(name='swiss_roll'):
   return config
 
 
+@pytest.fixture(scope='session')
+def tiny_digits_run(tmp_path_factory):
+  """(config, workdir) of `tiny_image_config` trained for 2 steps (a checkpoint at step 2), shared
+  by the tests that only read a trained run or write beside it (samples, evaluation)."""
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import ListWriter  # pylint: disable=g-import-not-at-top
+  config = tiny_image_config()
+  config.training.num_steps = 2
+  workdir = str(tmp_path_factory.mktemp('tiny_digits_run') / 'run')
+  train.train_and_evaluate(config, workdir, writer=ListWriter())
+  return config, workdir
+
+
 @pytest.fixture
 def image_config():
   return tiny_image_config()

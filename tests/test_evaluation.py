@@ -15,18 +15,15 @@ from flax import traverse_util
 
 from diffusion_jax import evaluation, metric_logging, stop_signals, train
 from diffusion_jax.metrics import inception, inception_weights
-from tests.conftest import tiny_image_config, tiny_toy_config
+from tests.conftest import tiny_toy_config
 from tests.test_train import ListWriter
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """(config, workdir) of a digits U-Net trained for 2 steps."""
-  workdir = str(tmp_path_factory.mktemp('eval_run'))
-  config = tiny_image_config()
-  config.training.num_steps = 2
-  train.train_and_evaluate(config, workdir, writer=ListWriter())
-  return config, workdir
+@pytest.fixture
+def trained(tiny_digits_run):
+  """(config, workdir) of a digits U-Net trained for 2 steps (shared with other test files)."""
+  config, workdir = tiny_digits_run
+  return config.copy_and_resolve_references(), workdir
 
 
 @pytest.fixture(scope='module')

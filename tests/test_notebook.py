@@ -6,9 +6,6 @@ import sys
 import nbformat
 from nbclient import NotebookClient
 
-from diffusion_jax import train
-from tests.conftest import tiny_image_config
-from tests.test_train import ListWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'experiments', 'restore_and_sample.ipynb')
@@ -21,11 +18,8 @@ def inject_parameters(nb, **params) -> None:
   cells[0].source = '\n'.join(f'{k} = {v!r}' for k, v in params.items())
 
 
-def test_notebook_restores_and_shows_samples(tmp_path):
-  workdir = str(tmp_path / 'run')
-  config = tiny_image_config()
-  config.training.num_steps = 2
-  train.train_and_evaluate(config, workdir, writer=ListWriter())
+def test_notebook_restores_and_shows_samples(tiny_digits_run):
+  _, workdir = tiny_digits_run
   # The run's config.json, not the config file, must describe the tiny model.
   nb = nbformat.read(NOTEBOOK, as_version=4)
   inject_parameters(nb, WORKDIR=workdir, CONFIG='configs/no_such_file.py', NUM_STEPS=3,
