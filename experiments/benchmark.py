@@ -192,7 +192,7 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
     res['train_step_memory_bytes'] = jb.train_memory
     res['params_bytes'] = jb.params_bytes
     res['forward_compile_s'] = jb.forward_compile_s
-    res['matmul_peak_flops'] = matmul_peak()
+    res['matmul_peak_flops'] = matmul_peak(repeats=min(5, FLAGS.repeats))
     jb.step()
     jb.forward()
     res['peak_memory'] = peak_memory_bytes()  # ours alone: before PyTorch allocates anything
