@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_DIFFUSERS = all(importlib.util.find_spec(m) for m in ('torch', 'diffusers'))
@@ -30,7 +31,7 @@ def test_benchmark_writes_every_field(tmp_path, config):
          '--pipeline_batches=5', '--nofirst_step', f'--output={out}']
   if HAVE_DIFFUSERS:
     cmd.append('--compare=diffusers')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as run by hand
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))  # one device, as run by hand
   proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| train images/s |' in proc.stdout
@@ -64,7 +65,7 @@ def test_benchmark_writes_every_field(tmp_path, config):
 def test_layer_benchmark_prints_every_layer():
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'layer_benchmark.py'), '--batch=1',
          '--repeats=1']
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [line.split(' | ') for line in proc.stdout.splitlines() if line.startswith('| ')][2:]
@@ -81,7 +82,7 @@ def test_profile_step_sums_the_trace_by_kind(tmp_path):
          '--config.model.channel_mult=(1,2)', '--config.model.num_groups=8',
          '--config.model.attention_resolutions=(4,)', '--config.model.num_res_blocks=1',
          '--config.training.batch_size=4', '--steps=1', '--top=5', f'--trace_dir={tmp_path}']
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith('CPU: ')

@@ -19,7 +19,7 @@ from PIL import Image
 
 from diffusion_jax import (editing, generation, parallel, processes, samplers, schedules,
                            step_tables, task as task_lib, timesteps)
-from tests.conftest import tiny_image_config
+from tests.conftest import tiny_image_config, xla_flags
 
 DIM = 4
 ROT = np.linalg.qr(np.random.default_rng(0).normal(size=(DIM, DIM)))[0]
@@ -311,7 +311,7 @@ def test_editing_study_writes_its_tables_and_pictures(tmp_path, trained_run):
        '--repaint=2,2', '--strengths=0.5', f'--guides={workdir}:2', '--guidance_scales=2',
        '--guided_steps=2'],
       cwd=root, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+      env=dict(os.environ, XLA_FLAGS=xla_flags(1)))
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   with open(out / 'results.json') as f:
     results = json.load(f)

@@ -22,7 +22,7 @@ from PIL import Image
 from diffusion_jax import checkpointing, files, metric_logging, parallel, workdir_lock
 from diffusion_jax import task as task_lib
 from diffusion_jax import run_config
-from tests.conftest import tiny_image_config, tiny_toy_config
+from tests.conftest import tiny_image_config, tiny_toy_config, xla_flags
 from tests.test_launch import ROOT, overrides
 
 TOY = ['--config=configs/toy2d.py'] + overrides(tiny_toy_config())
@@ -31,7 +31,7 @@ TOY = ['--config=configs/toy2d.py'] + overrides(tiny_toy_config())
 def launch(*args, devices=1, limit_file_bytes=None, timeout=600):
   """(exit status, output) of launch.py; `limit_file_bytes` caps every file it writes (a full
   disk, as far as the writer can tell)."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS='cpu')
   command = [sys.executable, 'launch.py', *args]
   if limit_file_bytes is not None:  # the shell's ulimit counts blocks of 1024 bytes
@@ -269,7 +269,7 @@ def test_a_corrupt_image_in_a_folder_is_named_and_skipped(tmp_path):
 # --- one writer per workdir ----------------------------------------------------------------------
 
 def start(*args, devices=1) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS='cpu')
   return subprocess.Popen([sys.executable, 'launch.py', *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

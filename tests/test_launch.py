@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from diffusion_jax import config_fields, run_config, train
-from tests.conftest import tiny_image_config, tiny_toy_config
+from tests.conftest import tiny_image_config, tiny_toy_config, xla_flags
 from tests.test_train import ListWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(*args, devices=1, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, 'launch.py', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout, check=False)

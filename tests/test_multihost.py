@@ -21,7 +21,7 @@ import pytest
 
 from diffusion_jax import checkpointing, metric_logging, parallel
 from diffusion_jax import task as task_lib
-from tests.conftest import tiny_toy_config
+from tests.conftest import tiny_toy_config, xla_flags
 from tests.test_launch import ROOT, launch, overrides
 
 TIMEOUT_S = 300  # for all processes together: a hung collective must fail, not stall the suite
@@ -46,7 +46,7 @@ def launch_processes(flags: list[str], *, num_processes: int, devices_per_proces
   second while they run.
   """
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+             XLA_FLAGS=xla_flags(devices_per_process))
   for attempt in range(attempts):
     address = f'127.0.0.1:{free_port()}'
     # The coordinator would listen on every interface ([::]) by default; loopback is enough.

@@ -13,7 +13,7 @@ import pytest
 
 from diffusion_jax import checkpointing, parallel, phema, posthoc_ema, sampling, train
 from diffusion_jax import task as task_lib
-from tests.conftest import tiny_toy_config
+from tests.conftest import tiny_toy_config, xla_flags
 from tests.test_train import ListWriter
 
 WIDTHS = (0.05, 0.1)
@@ -166,7 +166,7 @@ def test_posthoc_ema_study_writes_table_plot_and_results(straight):
   import sys  # pylint: disable=g-import-not-at-top
   workdir, _ = straight
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.run([sys.executable, os.path.join(root, 'experiments', 'posthoc_ema.py'),
                          f'--workdir={workdir}', '--sigma_rels=0.05,0.07,0.1',
                          '--num_samples=300'], cwd=root, env=env, capture_output=True, text=True,

@@ -9,14 +9,14 @@ import sys
 from PIL import Image
 
 from diffusion_jax import train
-from tests.conftest import tiny_image_config, tiny_toy_config
+from tests.conftest import tiny_image_config, tiny_toy_config, xla_flags
 from tests.test_train import ListWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def study(*args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'sampler_study.py'),
                          *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
