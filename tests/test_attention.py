@@ -100,3 +100,49 @@ def test_every_cpu_implementation_agrees(implementation):
   grad = jax.grad(lambda q: jnp.sum(attn.attention(q, k, v, implementation) * g))(q)
   want = jax.grad(lambda q: jnp.sum(reference(q, k, v) * g))(q)
   np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape', [(2, 16, 4, 8), (1, 5, 1, 3)])
+def test_forward_mode_jvp_matches_float64_finite_differences(shape):
+  primals = tuple(qkv(shape, seed=4)[:3])
+  tangents = tuple(qkv(shape, seed=5)[:3])
+  f = jax.jit(lambda p, t: jax.jvp(attn.lean_attention_forward_mode, p, t))
+  out, d_out = f(primals, tangents)
+  primals64 = [np.asarray(a, np.float64) for a in primals]
+  tangents64 = [np.asarray(a, np.float64) for a in tangents]
+  step = 1e-6
+  moved = lambda sign: reference_float64(*(p + sign * step * t for p, t in zip(primals64,
+                                                                                  tangents64)))
+  want = (moved(1) - moved(-1)) / (2 * step)
+  np.testing.assert_array_equal(out, attn.lean_attention(*primals))
+  # The logits reach about +-30 (see above): float32 rounding alone is ~1e-5 of the values.
+  np.testing.assert_allclose(d_out, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_forward_mode_keeps_the_lean_gradient():
+  """A gradient of the jvp's primal output goes through the lean custom VJP."""
+  q, k, v, g = qkv((2, 16, 4, 8), seed=6)
+
+  def through_jvp(q):
+    out, d_out = jax.jvp(attn.lean_attention_forward_mode, (q, k, v),
+                         (jnp.ones_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
+    return jnp.sum(out * g) + 0.0 * jnp.sum(jax.lax.stop_gradient(d_out))
+
+  want = jax.grad(lambda q: jnp.sum(attn.lean_attention(q, k, v) * g))(q)
+  np.testing.assert_allclose(jax.grad(through_jvp)(q), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('implementation', ['auto', 'xla', 'lean'])
+def test_every_cpu_implementation_has_the_same_jvp(implementation):
+  primals, tangents = tuple(qkv((2, 16, 4, 8), seed=7)[:3]), tuple(qkv((2, 16, 4, 8), seed=8)[:3])
+  f = lambda q, k, v: attn.attention(q, k, v, implementation, forward_mode=True)
+  want = jax.jvp(reference, primals, tangents)[1]
+  np.testing.assert_allclose(jax.jvp(f, primals, tangents)[1], want, rtol=1e-4,
+                             atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_forward_mode_never_takes_cudnn():
+  assert attn.resolve('auto', jnp.bfloat16, 64, backend='gpu', forward_mode=True) == 'xla'
+  assert attn.resolve('lean', jnp.bfloat16, 64, backend='gpu', forward_mode=True) == 'lean'
+  with pytest.raises(ValueError, match="model.attention='cudnn'.*'auto' or 'xla'"):
+    attn.resolve('cudnn', jnp.bfloat16, 64, backend='gpu', forward_mode=True)

@@ -14,6 +14,13 @@ once, which XLA compiles into a single fused kernel (scores, softmax and product
 products are written so that XLA runs them as plain per-head matmuls: q is scaled before the
 scores, and the products with v and k take heads-major operands. Elsewhere
 `jax.nn.dot_product_attention` picks the platform's fused kernel.
+
+Forward mode (`jax.jvp`, `forward_mode=True`): a custom VJP cannot be passed by `jax.jvp`, so
+`lean_attention_forward_mode` wraps the lean kernel in a custom JVP whose primal output is the
+custom-VJP kernel (its gradient keeps the lean backward) and whose tangent is computed one
+example at a time from recomputed probabilities, as the forward is:
+dO = (P * dS) V - rowsum(P * dS) O + P dV with dS = (dq k^T + q dk^T) / sqrt(d). cuDNN's fused
+kernel has no forward-mode rule, so 'auto' takes XLA's attention on a GPU in forward mode.
 """
 
 from __future__ import annotations
@@ -95,6 +102,34 @@ def _lean_bwd(res, d_out):
 lean_attention.defvjp(_lean_fwd, _lean_bwd)
 
 
+def _tangent_one(q, k, v, out, dq, dk, dv):
+  """The tangent of one example's output [L, h, d] (dtype of v), probabilities recomputed."""
+  q_scaled = _scaled(q)
+  s = _scores(q_scaled, k)
+  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+  p = p / jnp.sum(p, axis=-1, keepdims=True)  # [h, L, L] float32
+  ds = _scores(_scaled(dq), k) + _scores(q_scaled, dk)
+  pds = p * ds
+  f32 = lambda a: _heads_major(a.astype(jnp.float32))
+  d_out = (jnp.einsum('hqk,hkd->hqd', pds, f32(v))
+           - jnp.sum(pds, axis=-1)[..., None] * f32(out)
+           + jnp.einsum('hqk,hkd->hqd', p, f32(dv)))
+  return _heads_major(d_out).astype(v.dtype)
+
+
+@jax.custom_jvp
+def lean_attention_forward_mode(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+  """`lean_attention` that `jax.jvp` can also differentiate: [B, L, heads, d] -> same."""
+  return lean_attention(q, k, v)
+
+
+@lean_attention_forward_mode.defjvp
+def _lean_jvp(primals, tangents):
+  out = lean_attention(*primals)
+  d_out = jax.lax.map(lambda a: _tangent_one(*a), (*primals, out, *tangents))
+  return out, d_out
+
+
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'lean')
 
 
@@ -104,26 +139,32 @@ def cudnn_supports(dtype, head_dim: int) -> bool:
           and head_dim % 8 == 0 and head_dim <= 128)
 
 
-def resolve(implementation: str, dtype, head_dim: int, backend: str | None = None) -> str:
+def resolve(implementation: str, dtype, head_dim: int, backend: str | None = None,
+            forward_mode: bool = False) -> str:
   """The kernel that `implementation` means for heads of `dtype` and `head_dim` on `backend`
-  (default: JAX's): 'xla', 'cudnn' or 'lean'."""
+  (default: JAX's): 'xla', 'cudnn' or 'lean'; with `forward_mode`, one that `jax.jvp` passes."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention={implementation!r} is unknown; choose one of '
                      f'{IMPLEMENTATIONS}.')
+  if forward_mode and implementation == 'cudnn':
+    raise ValueError('model.attention=\'cudnn\': cuDNN\'s fused attention has no forward-mode '
+                     'rule, which this training objective needs (jax.jvp of the network); '
+                     'use model.attention=\'auto\' or \'xla\'.')
   if implementation != 'auto':
     return implementation
   backend = backend or jax.default_backend()
-  if backend == 'gpu' and cudnn_supports(dtype, head_dim):
+  if backend == 'gpu' and cudnn_supports(dtype, head_dim) and not forward_mode:
     return 'cudnn'
   if backend == 'cpu' and head_dim <= LEAN_MAX_HEAD_DIM:
     return 'lean'
   return 'xla'
 
 
-def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-              implementation: str = 'auto') -> jnp.ndarray:
-  """Multi-head attention q, k, v [B, L, heads, d] -> [B, L, heads, d], in v's dtype."""
-  kernel = resolve(implementation, q.dtype, q.shape[-1])
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, implementation: str = 'auto',
+              forward_mode: bool = False) -> jnp.ndarray:
+  """Multi-head attention q, k, v [B, L, heads, d] -> [B, L, heads, d], in v's dtype; with
+  `forward_mode` differentiable by `jax.jvp` as well as `jax.grad`."""
+  kernel = resolve(implementation, q.dtype, q.shape[-1], forward_mode=forward_mode)
   if kernel == 'lean':
-    return lean_attention(q, k, v)
+    return (lean_attention_forward_mode if forward_mode else lean_attention)(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=kernel)

@@ -10,6 +10,12 @@ out of small matmuls; the forward pass is then two reductions over x (sums of x 
 elementwise pass. A custom VJP gives the backward pass the same shape: reductions for the [B, C]
 sums of the gradient and one elementwise pass for dx, recomputing the normalised values instead
 of saving them. Statistics are float32 whatever the dtype of x; the output has x's dtype.
+
+Forward-mode differentiation (`jax.jvp`, which objectives such as MeanFlow take of the whole
+network) cannot pass a custom VJP, so `group_norm(..., forward_mode=True)` wraps the same kernel
+in a custom JVP: its primal output is the custom-VJP kernel (a gradient of that output still
+takes the backward above) and its tangent is the JVP written out in the same shape, two
+reductions and one elementwise pass.
 """
 
 from __future__ import annotations
@@ -85,16 +91,19 @@ def _forward(x, scale, bias, num_groups, epsilon, silu):
 
 
 def group_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, num_groups: int = 32,
-               epsilon: float = 1e-6, silu: bool = False) -> jnp.ndarray:
+               epsilon: float = 1e-6, silu: bool = False,
+               forward_mode: bool = False) -> jnp.ndarray:
   """GroupNorm of x [B, H, W, C] with float32 scale and bias [C]; then SiLU if `silu`.
 
-  Returns [B, H, W, C] in x's dtype. `num_groups` must divide C.
+  Returns [B, H, W, C] in x's dtype. `num_groups` must divide C. With `forward_mode` the layer
+  also has a rule for `jax.jvp` (and stays differentiable in reverse mode).
   """
   # Inside shard_map, parameters are replicated while x varies over the data axis; the custom
   # VJP returns per-shard parameter gradients, so the parameters enter it marked as varying
   # (the transpose of that mark is the sum over shards).
   scale, bias = (_varying_like(a, x) for a in (scale, bias))
-  return _group_norm(x, scale, bias, num_groups, epsilon, silu)
+  kernel = _group_norm_forward_mode if forward_mode else _group_norm
+  return kernel(x, scale, bias, num_groups, epsilon, silu)
 
 
 def _varying_like(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
@@ -154,12 +163,53 @@ def _group_norm_bwd(num_groups, epsilon, silu, res, d_out):
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _group_norm_forward_mode(x, scale, bias, num_groups, epsilon, silu):
+  return _group_norm(x, scale, bias, num_groups, epsilon, silu)
+
+
+@_group_norm_forward_mode.defjvp
+def _group_norm_jvp(num_groups, epsilon, silu, primals, tangents):
+  """With x_hat = (x - mean) / std, y = scale x_hat + bias and m_g the mean over a group:
+  d x_hat = (dx - m_g(dx) - x_hat m_g(x_hat dx)) / std and dy = scale d x_hat + x_hat d scale +
+  d bias, written as dy = dx * u + x * v + w with [B, 1, 1, C] coefficients u, v, w; then
+  d SiLU(y) = dy sigmoid(y) (1 + y (1 - sigmoid(y))).
+  """
+  x, scale, bias = primals
+  dx, d_scale, d_bias = tangents
+  out = _group_norm(x, scale, bias, num_groups, epsilon, silu)
+  _, h, w, c = x.shape
+  x32, dx32 = x.astype(jnp.float32), dx.astype(jnp.float32)
+  mean, inv_std = _statistics(x, num_groups, epsilon)
+  n = h * w * (c // num_groups)
+  sum_dx = _group_sums(jnp.sum(dx32, axis=(1, 2)), num_groups)  # [B, G]
+  sum_x_dx = _group_sums(jnp.sum(x32 * dx32, axis=(1, 2)), num_groups)
+  m1 = sum_dx / n  # m_g(dx)
+  m2 = inv_std * (sum_x_dx - mean * sum_dx) / n  # m_g(x_hat dx)
+  scaled = _membership(num_groups, c, scale)
+  d_scaled = _membership(num_groups, c, d_scale)
+  # Each product keeps the tangent on one side (m1, m2 or d_scale), so that the rule stays
+  # linear, and transposable, in the tangents.
+  u = _expand(inv_std, scaled)
+  v = _expand(-inv_std * inv_std * m2, scaled) + _expand(inv_std, d_scaled)
+  w_ = (_expand(inv_std * (inv_std * mean * m2 - m1), scaled) + _expand(-mean * inv_std, d_scaled)
+        + d_bias.astype(jnp.float32))
+  dy = dx32 * u + x32 * v + w_
+  if silu:
+    a, b = _affine(mean, inv_std, scale, bias)
+    y = x32 * a + b
+    sig = jax.nn.sigmoid(y)
+    dy = dy * (sig * (1 + y * (1 - sig)))
+  return out, dy.astype(out.dtype)
+
+
 class GroupNorm(nn.Module):
   """`group_norm` with learned float32 `scale` (ones) and `bias` (zeros) over the last axis."""
   num_groups: int = 32
   epsilon: float = 1e-6
   silu: bool = False
   dtype: Any = jnp.float32
+  forward_mode: bool = False  # also differentiable by jax.jvp
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -169,4 +219,5 @@ class GroupNorm(nn.Module):
                        'choose a divisor of every level\'s width.')
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    return group_norm(x.astype(self.dtype), scale, bias, self.num_groups, self.epsilon, self.silu)
+    return group_norm(x.astype(self.dtype), scale, bias, self.num_groups, self.epsilon, self.silu,
+                      self.forward_mode)
