@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.mlp_ratio = 4.0  # dit: MLP width / hidden width
   model.qk_norm = False  # dit: RMSNorm of each head's queries and keys
   model.rope = False  # dit: 2-D rotary position embedding instead of the sin-cos table
+  model.interval_embedding = False  # a second time input, the step's length (meanflow needs it)
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = 'ddpm'  # ddpm (discrete, T steps) | vp | flow | edm (continuous time)
@@ -89,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.lognormal_std = 1.2  # lognormal: EDM's P_std
   training.time_shift = 1.0  # SD3's shift of the training times (sigma~ multiplied by it)
   training.steps_per_call = 1  # train steps per compiled call (lax.scan)
+  training.objective = 'denoise'  # denoise | meanflow (average velocity, few-step sampling)
+  training.meanflow_ratio = 0.25  # meanflow: share of examples with r != t (the rest: r = t)
+  training.meanflow_weight_power = 1.0  # meanflow: p of the adaptive weight 1/(|err|^2 + c)^p
+  training.meanflow_guidance = 1.0  # meanflow, class_conditional: guidance scale trained in
   training.log_every = 100  # metrics to stdout and TensorBoard
   training.sample_every = 5000  # sample grid from the EMA params (0: off)
   training.checkpoint_every = 5000  # Orbax checkpoint

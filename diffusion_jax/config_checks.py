@@ -12,7 +12,8 @@ import traceback
 
 import jax
 
-from diffusion_jax import config_fields, models, ode, processes, schedules, sources, timesteps
+from diffusion_jax import (config_fields, models, objectives, ode, processes, schedules, sources,
+                           timesteps)
 
 MODES = config_fields.MODES
 
@@ -44,6 +45,8 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
     _choice(data.name, sources.TOY_DATASETS, 'data.name')
   _validate_model(data, model)
   _validate_diffusion(diff)
+  objectives.check(train.get('objective', 'denoise'), diff.process, diff.prediction_type,
+                   model.get('interval_embedding', False))
   process = processes.from_config(diff)
   if mode == 'train':
     _validate_training(train, num_devices)

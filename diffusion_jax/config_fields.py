@@ -23,8 +23,8 @@ import math
 import numbers
 from typing import Callable, Optional
 
-from diffusion_jax import (diffusion, models, ode, phema, posthoc_ema, processes, run_config,
-                           schedules, sources, step_tables, timesteps)
+from diffusion_jax import (diffusion, models, objectives, ode, phema, posthoc_ema, processes,
+                           run_config, schedules, sources, step_tables, timesteps)
 from diffusion_jax.models import attention, dit
 
 MODES = ('train', 'sample', 'eval', 'summary')
@@ -171,6 +171,7 @@ BPD = Condition(lambda run: run.config.eval.bpd_num_examples > 0,
                 'bits/dim (eval.bpd_num_examples > 0)')
 ODE_BPD = is_set('eval.ode_bpd', 'the ODE\'s bits/dim (eval.ode_bpd)')
 INT, POSITIVE_INT = dict(kind=int), dict(kind=int, lo=1)
+MEANFLOW = when('training.objective', 'meanflow')
 POSITIVE = dict(kind=float, lo=0.0, lo_open=True)
 FRACTION = dict(kind=float, lo=0.0, hi=1.0, hi_open=True)  # [0, 1)
 
@@ -218,6 +219,7 @@ FIELDS = {
     'model.mlp_ratio': Field(read_by=NETWORK, needs=(DIT,), **POSITIVE),
     'model.qk_norm': Field(bool, NETWORK, needs=(DIT,)),
     'model.rope': Field(bool, NETWORK, needs=(DIT,)),
+    'model.interval_embedding': Field(bool, NETWORK),
 
     'diffusion.process': Field(str, NETWORK, choices=processes.PROCESSES),
     'diffusion.schedule': Field(str, NETWORK, choices=tuple(dict.fromkeys(
@@ -269,6 +271,10 @@ FIELDS = {
         when('training.time_sampling', 'lognormal'),), **POSITIVE),
     'training.time_shift': Field(read_by=TRAINING, **POSITIVE),
     'training.steps_per_call': Field(read_by=TRAINING, **POSITIVE_INT),
+    'training.objective': Field(str, TRAINING, choices=objectives.OBJECTIVES),
+    'training.meanflow_ratio': Field(float, TRAINING, lo=0.0, hi=1.0, needs=(MEANFLOW,)),
+    'training.meanflow_weight_power': Field(float, TRAINING, lo=0.0, needs=(MEANFLOW,)),
+    'training.meanflow_guidance': Field(float, TRAINING, lo=1.0, needs=(MEANFLOW, CONDITIONAL)),
     'training.log_every': Field(read_by=('train',), **POSITIVE_INT),
     'training.sample_every': Field(read_by=('train',), lo=0, **INT),
     'training.checkpoint_every': Field(read_by=('train',), **POSITIVE_INT),

@@ -119,11 +119,18 @@ def x0_error_scale(prediction_type: str, alpha: Array, sigma: Array,
                    f'choose one of {PREDICTION_TYPES}.')
 
 
-def denoiser(predict: PredictFn, process, prediction_type: str) -> Callable[[Array, Array], Array]:
-  """The network as the samplers' `denoise_fn(x_t, t) -> D` (float32 [B, ...]), t [B]."""
-  def denoise_fn(x_t, t):
+def denoiser(predict: PredictFn, process, prediction_type: str) -> Callable[..., Array]:
+  """The network as the samplers' `denoise_fn(x_t, t) -> D` (float32 [B, ...]), t [B].
+
+  A network with a second time input (trained for steps, e.g. MeanFlow) is also given the end of
+  the step, `denoise_fn(x_t, t, t_end)`; `predict` then receives the step as a third argument
+  (`process.net_interval`), and its output converts as the prediction at t: for an average
+  velocity u, D = x_t - t u, whose Euler step to t_end is x_t - (t - t_end) u.
+  """
+  def denoise_fn(x_t, t, *t_end):
     compute = jnp.promote_types(x_t.dtype, jnp.float32)  # float64 when x_t is
-    pred = predict(process.net_input(x_t, t), process.net_time(t)).astype(compute)
+    interval = tuple(process.net_interval(t, r) for r in t_end)
+    pred = predict(process.net_input(x_t, t), process.net_time(t), *interval).astype(compute)
     alpha, sigma = (_column(a, x_t.ndim).astype(compute) for a in process.alpha_sigma(t))
     return x0_from_prediction(prediction_type, pred, x_t.astype(compute), alpha, sigma,
                               process.sigma_data)

@@ -72,7 +72,9 @@ def make_denoise_fn(task: Task, params, labels, config,
   pt = config.diffusion.prediction_type
 
   def denoise_with(lab, model=task.model, p=params, prediction=pt):
-    predict = lambda x_in, t_net: model.apply({'params': p}, x_in, t_net, lab, train=False)
+    def predict(x_in, t_net, *interval):  # interval: the step, for a network trained for steps
+      step = {'interval': interval[0]} if interval else {}
+      return model.apply({'params': p}, x_in, t_net, lab, train=False, **step)
     return diffusion.denoiser(predict, task.process, prediction)
 
   if guided_by is not None:
@@ -82,8 +84,9 @@ def make_denoise_fn(task: Task, params, labels, config,
   null = jnp.full_like(labels, task.info.num_classes)
   denoise_pairs = denoise_with(_interleave(labels, null))
 
-  def denoise_fn(x_t, t):
-    d = denoise_pairs(_interleave(x_t, x_t), _interleave(t, t))
+  def denoise_fn(x_t, t, *t_end):
+    d = denoise_pairs(_interleave(x_t, x_t), _interleave(t, t),
+                      *(_interleave(r, r) for r in t_end))
     d = d.reshape((x_t.shape[0], 2) + x_t.shape[1:])
     return guide(d[:, 0], d[:, 1], _scale_at(config, task.process, t, x_t))
   return denoise_fn
@@ -99,8 +102,9 @@ def _autoguided(task: Task, params, labels, config, guide_spec, denoise_with):
   main_fn = denoise_with(labels)
   guide_fn = denoise_with(labels, model=guide_task.model, p=guide_params, prediction=guide_pt)
 
-  def denoise_fn(x_t, t):
-    return guide(main_fn(x_t, t), guide_fn(x_t, t), _scale_at(config, task.process, t, x_t))
+  def denoise_fn(x_t, t, *t_end):
+    return guide(main_fn(x_t, t, *t_end), guide_fn(x_t, t, *t_end),
+                 _scale_at(config, task.process, t, x_t))
   return denoise_fn
 
 
@@ -120,6 +124,21 @@ def reverse_steps(config, task: Task, *, sampler: str | None = None,
   if editing_mode(config) == 'inpaint':
     steps = editing.for_inpainting(steps, task.process, *sc.inpaint_resample)
   return steps
+
+
+STEP_SAMPLERS = ('ddim', 'euler')  # whose rows are single Euler steps (ddim: at eta 0)
+
+
+def row_ends(config, task: Task, steps, sampler: str) -> np.ndarray | None:
+  """Where each row of the table steps to, for a network trained for steps
+  (model.interval_embedding, e.g. MeanFlow's average velocity) sampled by Euler steps
+  (`STEP_SAMPLERS`): its update x_t - (t - t_end) u is then the trained step. None otherwise:
+  the other samplers (and the adaptive ODE solve) call it with a step of length 0, where it is
+  the flow-matching velocity it was also trained as."""
+  stepwise = sampler in STEP_SAMPLERS and (sampler == 'euler' or config.sampling.eta == 0.0)
+  if steps is None or not config.model.get('interval_embedding', False) or not stepwise:
+    return None
+  return step_tables.row_ends(steps, task.process)
 
 
 def editing_mode(config) -> str | None:
@@ -159,6 +178,7 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
                      'sampler.')
   steps = None if adaptive else reverse_steps(config, task, sampler=sampler, num_steps=num_steps)
   edit = None if adaptive else editing_mode(config)
+  ends = row_ends(config, task, steps, sampler or sc.sampler)
   shape = tuple(task.info.shape)
   guide_task, guide_pt = guide if guide is not None else (None, None)
 
@@ -181,7 +201,7 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
       known = (inputs['image'], inputs['keep'])
     out = samplers.run_reverse(denoise_fn, steps, x_t, jax.random.fold_in(rng, 1),
                                clip_x0=sc.clip_x0, return_trajectory=return_trajectory,
-                               x_start=x_start, known=known)
+                               x_start=x_start, known=known, row_ends=ends)
     return out, jnp.full((batch,), steps.num_calls, jnp.int32)
 
   compiled = jax.jit(run, static_argnums=3, out_shardings=parallel.replicated(mesh))

@@ -70,6 +70,11 @@ class Process:
     """The noise level as the network receives it, float [B]."""
     return NET_TIME_SCALE * t
 
+  def net_interval(self, t, r):
+    """A step from t to r as a network with a second time input receives it: net_time(t) -
+    net_time(r), float [B]."""
+    return self.net_time(t) - self.net_time(r)
+
   def logsnr(self, t):
     return logsnr_of(*self.alpha_sigma(t))
 

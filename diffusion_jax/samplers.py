@@ -7,7 +7,8 @@ carried in the scan state. What a table never uses (a corrector, a history longe
 noise) is left out of the compiled step, so DDIM costs what it did before the solvers came.
 
 `run_reverse` and `sample` see the network only as `denoise_fn(x_t, t) -> D` (t: the process
-time, float [B]; `diffusion.denoiser` builds it from a network of any prediction type). The
+time, float [B]; `diffusion.denoiser` builds it from a network of any prediction type), or as
+`denoise_fn(x_t, t, t_end)` for a network trained for steps (MeanFlow), told each row's end. The
 `*_sample` functions of the discrete chain take a noise predictor `eps_fn(x_t, t)` with t int32
 [B] and a Schedule, as they always have.
 """
@@ -31,7 +32,8 @@ DenoiseFn = Callable[[Array, Array], Array]
 
 def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Array,
                 *, clip_x0: bool | float = True, return_trajectory: bool = False,
-                x_start: Array | None = None, known: tuple[Array, Array] | None = None):
+                x_start: Array | None = None, known: tuple[Array, Array] | None = None,
+                row_ends: np.ndarray | None = None):
   """Runs a reverse chain as one lax.scan.
 
   Args:
@@ -45,6 +47,9 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
       known): after every row x <- keep (alpha' image + sigma' z) + (1 - keep) x at the row's
       output level, then RePaint's forward jump where the table has one. The table must come
       from `editing.for_inpainting`.
+    row_ends: for a network that is told where its step ends (MeanFlow's average velocity),
+      the time each row steps to, float [S] (`step_tables.row_ends`): the network is called as
+      `denoise_fn(x_t, t, t_end)`. None: `denoise_fn(x_t, t)`.
   Returns:
     x_0 [B, ...], or (x_0, trajectory [S + 1, B, ...] from the start to x_0) when asked.
   """
@@ -60,6 +65,8 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
   rows = (jnp.arange(steps.num_calls), real(steps.t), real(steps.corr_x),
           real(steps.corr_prev), real(steps.corr_d[:, :k]), real(steps.coef_xt),
           real(steps.coef_x0[:, :k]), real(steps.sigma))
+  if row_ends is not None:
+    rows += (real(row_ends),)
   if known is not None:
     if steps.alpha_next is None:
       raise ValueError('inpainting needs the table of editing.for_inpainting.')
@@ -74,7 +81,8 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
   def step(carry, row):
     x, anchor, hist = carry
     i, t, corr_x, corr_prev, corr_d, coef_xt, coef_x0, sigma = row[:8]
-    x0 = denoise_fn(x, jnp.full((batch,), t, compute)).astype(compute)
+    end = () if row_ends is None else (jnp.full((batch,), row[8], compute),)
+    x0 = denoise_fn(x, jnp.full((batch,), t, compute), *end).astype(compute)
     if clip_x0:
       bound = 1.0 if clip_x0 is True else float(clip_x0)
       x0 = jnp.clip(x0, -bound, bound)
@@ -87,7 +95,7 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
     if noisy:
       new = new + sigma * jax.random.normal(jax.random.fold_in(rng, i), x.shape, compute)
     if known is not None:
-      alpha_next, sigma_next, renoise_scale, renoise_sigma = row[8:]
+      alpha_next, sigma_next, renoise_scale, renoise_sigma = row[-4:]
       draw = lambda j: jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, i), j),
                                          x.shape, compute)
       new = keep * (alpha_next * image + sigma_next * draw(1)) + (1.0 - keep) * new

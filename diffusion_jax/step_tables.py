@@ -90,6 +90,17 @@ class ReverseSteps(NamedTuple):
     return len(self.t)
 
 
+def row_ends(steps: ReverseSteps, process) -> np.ndarray:
+  """The time each row of a one-call-per-step table (ddim, euler; inpainting: the level of its
+  blend) steps to, float64 [S], 0 (the data) after the last: what a network trained for steps
+  is told (MeanFlow: that Euler row with u(x_t, t_end, t) is its trained update)."""
+  if steps.alpha_next is None:
+    return np.append(steps.t[1:], 0.0)
+  noisy = steps.sigma_next > 0
+  lam = 2.0 * np.log(steps.alpha_next / np.where(noisy, steps.sigma_next, 1.0))
+  return np.where(noisy, processes.as_process(process).t_of_logsnr(lam), 0.0)
+
+
 def _init_scale(alpha: np.ndarray, sigma: np.ndarray) -> float:
   return float(np.sqrt(alpha[0] ** 2 + sigma[0] ** 2))
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import (checkpointing, input_pipeline, models, parallel, phema, posthoc_ema,
-                           processes, schedules)
+from diffusion_jax import (checkpointing, input_pipeline, models, objectives, parallel, phema,
+                           posthoc_ema, processes, schedules)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -93,7 +93,8 @@ def power_ema(config) -> phema.PowerEMA:
 def create_task(config) -> Task:
   info = input_pipeline.data_info(config)
   tx, lr = create_optimizer(config.training)
-  return Task(models.create_model(config.model, info.num_classes),
+  forward_mode = config.training.get('objective', 'denoise') in objectives.FORWARD_MODE
+  return Task(models.create_model(config.model, info.num_classes, forward_mode),
               processes.from_config(config.diffusion), tx, lr, info)
 
 

@@ -20,8 +20,10 @@ step of length 0), so `quadratic` and `karras` can give fewer than S of them:
 
 On a continuous process (`processes.py`) `sampler_times` gives S decreasing times in
 [t_min, t_max] instead: `uniform` (= `linspace`) evenly in the process's own t, `karras`,
-`logsnr` and `shifted` as above between the ends of its range; the integer spacings (leading,
-trailing, quadratic) are for the ddpm process only.
+`logsnr` and `shifted` as above between the ends of its range, and `trailing` evenly in t from
+t_max down towards 0 without visiting t_min, t_i = t_max (1 - i / S) (every call its own equal
+share of the path: the grid of few-step MeanFlow sampling); leading and quadratic are for the
+ddpm process only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 SPACINGS = ('leading', 'uniform', 'trailing', 'linspace', 'quadratic', 'karras', 'logsnr',
             'shifted')
-CONTINUOUS_SPACINGS = ('uniform', 'linspace', 'karras', 'logsnr', 'shifted')
+CONTINUOUS_SPACINGS = ('uniform', 'linspace', 'trailing', 'karras', 'logsnr', 'shifted')
 KARRAS_RHO = 7.0
 
 
@@ -97,6 +99,8 @@ def sampler_times(process, num_steps: int, spacing: str, shift: float = 1.0,
     raise ValueError(f'sampling.num_steps={num_steps} must be at least 1.')
   if spacing in ('uniform', 'linspace'):
     return np.linspace(process.t_max, process.t_min, num_steps)
+  if spacing == 'trailing':
+    return process.t_max * (1.0 - np.arange(num_steps) / num_steps)
   ends = process.sigma_tilde(np.array([process.t_min, process.t_max]))
   wanted = _wanted_sigmas(ends[0], ends[1], num_steps, spacing, shift)
   times = process.clip_t(process.t_of_logsnr(-2.0 * np.log(wanted)))

@@ -29,7 +29,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
-                           input_pipeline, metric_logging, parallel, posthoc_ema,
+                           input_pipeline, metric_logging, objectives, parallel, posthoc_ema,
                            processes, run_config, sources, stop_signals, task as task_lib,
                            workdir_lock)
 from diffusion_jax.task import Task, TrainState
@@ -76,20 +76,50 @@ def loss_and_grads(params, rng: jnp.ndarray, step: jnp.ndarray, batch: dict, *, 
     labels = jnp.where(drop < tc.label_dropout, task.info.num_classes, batch['label'])
   dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), parallel.device_index())
 
+  if tc.objective == 'meanflow':
+    t_other = processes.training_times(task.process, jax.vmap(lambda k: jax.random.fold_in(k, 3))(
+        keys), index, tc.batch_size, **time_sampling(tc))
+    coin = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 4)))(keys)
+    t, r = objectives.meanflow_times(t, t_other, coin, tc.meanflow_ratio)
+
   def loss_fn(shards):
     whole = parallel.gather(shards, specs)
-    predict = lambda x_t, tt: task.model.apply({'params': whole}, x_t, tt, labels, train=True,
-                                               rngs={'dropout': dropout_key})
-    per_example = diffusion.loss_per_example(
-        predict, task.process, x0, t, noise, prediction_type=dc.prediction_type,
-        loss_type=dc.loss, weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma,
-        sigmoid_bias=dc.sigmoid_bias)
+    apply = lambda x_t, tt, lab, **kw: task.model.apply(
+        {'params': whole}, x_t, tt, lab, train=True, rngs={'dropout': dropout_key}, **kw)
+    if tc.objective == 'meanflow':
+      per_example = objectives.meanflow_loss_per_example(
+          lambda z, tt, rr: apply(z, task.process.net_time(tt), labels,
+                                  interval=task.process.net_interval(tt, rr)),
+          x0, noise, t, r, weight_power=tc.meanflow_weight_power,
+          guided_v=_trained_in_guidance(apply, task, tc, t, labels))
+    else:
+      per_example = diffusion.loss_per_example(
+          lambda x_t, tt: apply(x_t, tt, labels), task.process, x0, t, noise,
+          prediction_type=dc.prediction_type, loss_type=dc.loss, weighting=dc.loss_weighting,
+          min_snr_gamma=dc.min_snr_gamma, sigmoid_bias=dc.sigmoid_bias)
     # The global batch's mean. Parameters are the same on every device of 'data' (invariant
     # over it), so their gradient comes back summed over those devices; the transpose of
     # `gather` sums over 'fsdp' and keeps this device's shard: the global mean's gradient.
     return jax.lax.pmean(jnp.mean(per_example), parallel.BATCH_AXES)
 
   return jax.value_and_grad(loss_fn)(params)
+
+
+def _trained_in_guidance(apply, task: Task, tc, t, labels):
+  """MeanFlow's guidance trained into a class-conditional network (training.meanflow_guidance
+  w != 1): (z, v) -> w v + (1 - w) u(z, t, t | no label) for labelled examples, v for the
+  examples whose label was dropped. None when there is nothing to guide."""
+  w = tc.get('meanflow_guidance', 1.0)
+  if labels is None or w == 1.0:
+    return None
+  null = task.info.num_classes
+
+  def guided_v(z, v):
+    u_null = apply(z, task.process.net_time(t), jnp.full_like(labels, null),
+                   interval=jnp.zeros_like(t))
+    keep = (labels != null).reshape((-1,) + (1,) * (v.ndim - 1))
+    return jnp.where(keep, w * v + (1.0 - w) * u_null.astype(v.dtype), v)
+  return guided_v
 
 
 def train_step(state: TrainState, batch: dict, *, task: Task, config,

@@ -3,6 +3,7 @@
   python experiments/benchmark.py --config=configs/bench.py --compare=diffusers
   python experiments/benchmark.py --config=configs/bench_dit.py --compare=diffusers
   python experiments/benchmark.py --config=configs/bench.py --config.training.batch_size=32
+  python experiments/benchmark.py --config=configs/bench.py --compare=meanflow
 
 Measures, on the config's model and global batch: parameters, XLA's FLOPs per train step,
 compile times, steady-state images/s of the real data-parallel train step (batches already on
@@ -15,7 +16,9 @@ configs/digits.py. With --compare=diffusers the same architecture in diffusers/P
 the same way (sampling with diffusers' own scheduler loops under `torch.inference_mode()`), its
 measurements alternating with ours in this one process so that both see the same machine load;
 all times are medians. Where the CPU computes bfloat16 natively (AMX, AVX-512 BF16) it also
-times both sides in bfloat16: our `model.dtype=bfloat16` against torch's CPU autocast.
+times both sides in bfloat16: our `model.dtype=bfloat16` against torch's CPU autocast. With
+--compare=meanflow the train step of MeanFlow (one JVP of the network more) is timed against
+flow matching on the same network, alternating.
 
 On CPU the script first re-executes itself with `diffusion_jax.cpu_env` (malloc settings and
 the XLA flags chosen for this CPU; set DIFFUSION_JAX_CPU_ENV=0 to measure without them). The
@@ -60,7 +63,7 @@ from experiments import jax_side
 config_flags.DEFINE_config_file('config', os.path.join(_ROOT, 'configs', 'bench.py'),
                                 'Config file; fields can be overridden, '
                                 'e.g. --config.training.batch_size=32.', lock_config=False)
-flags.DEFINE_enum('compare', None, ['diffusers', 'phema'],
+flags.DEFINE_enum('compare', None, ['diffusers', 'phema', 'meanflow'],
                   'Also time diffusers\' UNet2DModel or DiTTransformer2DModel, or this config '
                   'with post-hoc EMA (training.phema_sigma_rels=(0.05, 0.1)), alternating with '
                   'ours.')
@@ -76,6 +79,16 @@ flags.DEFINE_bool('bf16', True, 'With --compare=diffusers, also time bfloat16 co
 FLAGS = flags.FLAGS
 
 PHEMA_WIDTHS = (0.05, 0.10)
+MEANFLOW_SIDES = {'jax flow matching': 'denoise', 'jax meanflow': 'meanflow'}
+
+
+def meanflow_config(config, objective: str):
+  """`config` on the flow path with an interval embedding, trained by `objective`."""
+  config = config.copy_and_resolve_references()
+  config.diffusion.process = config.diffusion.prediction_type = 'flow'
+  config.model.interval_embedding = True
+  config.training.objective = objective
+  return config
 
 
 def alternate(fns: dict[str, Callable[[], object]], *, warmup: int,
@@ -225,6 +238,12 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
         bf16_train = {'jax bf16': jh.step, 'torch bf16': th.train_step}
         bf16_forward = {'jax bf16': jh.forward, 'torch bf16': th.forward}
         res['bf16_train_compile_s'] = jh.train_compile_s
+    elif compare == 'meanflow':
+      # The same network (flow path, interval embedding) under its two objectives.
+      benches = {name: jax_side.JaxBench(meanflow_config(config, objective), mesh, images,
+                                         samplers=False)
+                 for name, objective in MEANFLOW_SIDES.items()}
+      fns_train.update({name: bench.step for name, bench in benches.items()})
     elif compare == 'phema':
       with_phema = config.copy_and_resolve_references()
       with_phema.training.phema_sigma_rels = PHEMA_WIDTHS
@@ -253,6 +272,13 @@ def run(config, *, compare: str | None, warmup: int, repeats: int, sample_repeat
     res['train_flops_per_s'] = jb.train_flops / median(train_times['jax'])
     res['train_fraction_of_peak'] = res['train_flops_per_s'] / res['matmul_peak_flops']
     res['times_s'] = {'train': train_times, 'forward': forward_times, 'sampling': sample_times}
+    if compare == 'meanflow':
+      plain, meanflow = (median(train_times[name]) for name in MEANFLOW_SIDES)
+      res['meanflow'] = {
+          'plain_images_per_s': b / plain, 'meanflow_images_per_s': b / meanflow,
+          'meanflow_over_plain_time': meanflow / plain,
+          'train_step_memory_bytes': {name: bench.train_memory
+                                      for name, bench in benches.items()}}
     if compare == 'phema':
       memory = jp.train_memory
       res['phema'] = {
@@ -333,6 +359,11 @@ def format_table(res: dict) -> str:
   add('input pipeline images/s', res['pipeline_images_per_s'], fmt='{:.0f}')
   add('pipeline / train consumption', res['pipeline_over_consumption'], fmt='{:.0f}x')
   add('digits: process start to first step, s', res['digits_first_step_s'])
+  if 'meanflow' in res:
+    m, mib = res['meanflow'], lambda name: res['meanflow']['train_step_memory_bytes'][name]
+    add('MeanFlow / flow matching (same network): train images/s, step temporaries MiB',
+        ' / '.join(f'{m[k]:.2f}' for k in ('meanflow_images_per_s', 'plain_images_per_s'))
+        + ', ' + ' / '.join(f'{mib(n)["temp"] / 2**20:.1f}' for n in reversed(MEANFLOW_SIDES)))
   if 'phema' in res:
     p = res['phema']
     add('train images/s with post-hoc EMA (on / off)', p['train_images_per_s'],

@@ -95,6 +95,27 @@ def test_train_then_sample_toy2d(tmp_path):
   assert f'{calls.mean():.1f} network calls per sample on average, {calls.max()} at most' in out
 
 
+def test_meanflow_config_trains_and_samples_in_one_and_two_calls(tmp_path):
+  """configs/toy2d_meanflow.py, smaller, through launch.py: trained by the MeanFlow objective,
+  sampled by its own one-call default, then in two calls, then by a multistep solver (which
+  calls the network with steps of length 0, its flow-matching velocity)."""
+  flags = ['--config=configs/toy2d_meanflow.py', f'--workdir={tmp_path}'] + [
+      f'--config.{k}' for k in ('data.num_points=4096', 'model.hidden=32', 'model.num_layers=2',
+                                'training.batch_size=64', 'training.num_steps=4',
+                                'training.warmup_steps=2', 'training.log_every=2',
+                                'training.checkpoint_every=2', 'sampling.num_samples=64',
+                                'sampling.batch_size=64')]
+  launch(*flags)
+  for extra, said in (([], 'euler, 1 network calls'),
+                      (['--config.sampling.num_steps=2'], 'euler, 2 network calls'),
+                      (['--config.sampling.sampler=dpm_solver++', '--config.sampling.num_steps=3'],
+                       'dpm_solver++, 3 network calls')):
+    out = launch(*flags, '--mode=sample', *extra)
+    assert said in out, out[-2000:]
+    with np.load(os.path.join(tmp_path, 'samples', 'samples.npz')) as f:
+      assert f['points'].shape == (64, 2) and np.all(np.isfinite(f['points']))
+
+
 def test_sample_without_checkpoint_says_so(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, 'launch.py', '--config=configs/toy2d.py',
@@ -158,6 +179,8 @@ def test_the_front_door_names_the_flag_or_file_in_one_line(tmp_path):
        'training.num_steps=-3 is outside its domain'),
       ([digits, '--wokdir=/tmp/x'], "Unknown command line flag 'wokdir'"),
       ([digits], '--mode=train needs --workdir'),
+      (['--config=configs/toy2d_meanflow.py', w, '--config.diffusion.process=edm'],
+       'training.objective=meanflow is defined on the flow path'),
   ]
   for (args, expected), line in zip(cases, refused(*(args for args, _ in cases))):
     assert expected in line, (args, line)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.attention import attention
-from diffusion_jax.models.layers import timestep_embedding
+from diffusion_jax.models.layers import embed_interval, no_interval, timestep_embedding
 
 # name: (hidden width, depth, heads), Table 1 of the paper.
 PRESETS = {'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16), 'XL': (1152, 28, 16)}
@@ -92,6 +92,7 @@ class SelfAttention(nn.Module):
   rope: bool = False
   implementation: str = 'auto'
   dtype: Any = jnp.float32
+  forward_mode: bool = False  # an attention kernel that jax.jvp can differentiate too
 
   @nn.compact
   def __call__(self, x):
@@ -105,7 +106,7 @@ class SelfAttention(nn.Module):
       k = nn.RMSNorm(epsilon=1e-6, dtype=self.dtype, name='k_norm')(k)
     if self.rope:
       q, k = rope_2d(q, self.grid), rope_2d(k, self.grid)
-    y = attention(q, k, v, self.implementation)
+    y = attention(q, k, v, self.implementation, self.forward_mode)
     return nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=_xavier, dtype=self.dtype,
                            name='proj')(y)
 
@@ -119,6 +120,7 @@ class DiTBlock(nn.Module):
   rope: bool = False
   implementation: str = 'auto'
   dtype: Any = jnp.float32
+  forward_mode: bool = False
 
   @nn.compact
   def __call__(self, x, c):
@@ -127,7 +129,7 @@ class DiTBlock(nn.Module):
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
     h = modulate(_layer_norm('norm1')(x), shift_a, scale_a)
     h = SelfAttention(self.num_heads, self.grid, self.qk_norm, self.rope, self.implementation,
-                      self.dtype, name='attn')(h)
+                      self.dtype, self.forward_mode, name='attn')(h)
     x = x + gate_a[:, None] * h
     h = modulate(_layer_norm('norm2')(x), shift_m, scale_m)
     h = nn.Dense(int(dim * self.mlp_ratio), kernel_init=_xavier, dtype=self.dtype,
@@ -154,9 +156,11 @@ class DiT(nn.Module):
   out_channels: Optional[int] = None
   attention: str = 'auto'  # the attention kernel: auto | xla | cudnn | lean
   dtype: Any = jnp.float32
+  forward_mode: bool = False  # every layer differentiable by jax.jvp too (same parameters)
+  interval_embedding: bool = False  # a second time input: the length of the step to take
 
   @nn.compact
-  def __call__(self, x, t, labels=None, *, train: bool = False):
+  def __call__(self, x, t, labels=None, *, train: bool = False, interval=None):
     del train  # no dropout
     b, height, width, channels = x.shape
     p, dim, dtype = self.patch_size, self.hidden, self.dtype
@@ -172,6 +176,10 @@ class DiT(nn.Module):
     c = timestep_embedding(t, FREQUENCY_DIM)
     c = nn.Dense(dim, kernel_init=_normal, dtype=dtype, name='time_dense0')(c)
     c = nn.Dense(dim, kernel_init=_normal, dtype=dtype, name='time_dense1')(nn.silu(c))
+    if self.interval_embedding:
+      c = c + embed_interval(interval, t, FREQUENCY_DIM, dim, dtype)
+    else:
+      no_interval(interval)
     if self.num_classes:
       if labels is None:
         labels = jnp.full((b,), self.num_classes, jnp.int32)
@@ -180,7 +188,7 @@ class DiT(nn.Module):
 
     for i in range(self.depth):
       h = DiTBlock(self.num_heads, grid, self.mlp_ratio, self.qk_norm, self.rope,
-                   self.attention, dtype, name=f'block{i}')(h, c)
+                   self.attention, dtype, self.forward_mode, name=f'block{i}')(h, c)
 
     out_channels = self.out_channels or channels
     shift, scale = jnp.split(

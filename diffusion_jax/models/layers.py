@@ -30,10 +30,31 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) ->
   return emb
 
 
+def embed_interval(interval: jnp.ndarray | None, t: jnp.ndarray, frequencies: int, dim: int,
+                   dtype: Dtype, name: str = 'interval') -> jnp.ndarray:
+  """The embedding [B, dim] of a step's length (network time, float [B]; None: 0, i.e. a step
+  of length zero, the plain denoiser), to be added to the noise level's: sinusoidal features,
+  then two Dense layers (called from inside a compact module, which owns the layers)."""
+  if interval is None:
+    interval = jnp.zeros(t.shape, jnp.float32)
+  emb = timestep_embedding(interval, frequencies)
+  emb = nn.Dense(dim, dtype=dtype, name=f'{name}_dense0')(emb)
+  return nn.Dense(dim, dtype=dtype, name=f'{name}_dense1')(nn.silu(emb))
+
+
+def no_interval(interval) -> None:
+  """Refuses a step length given to a network built without `model.interval_embedding`."""
+  if interval is not None:
+    raise ValueError('the network was given a step length but has no interval embedding; set '
+                     'model.interval_embedding=True (an objective that trains for steps, such '
+                     'as meanflow, needs it).')
+
+
 def group_norm(num_groups: int, dtype: Dtype, name: str | None = None, *,
-               silu: bool = False) -> GroupNorm:
+               silu: bool = False, forward_mode: bool = False) -> GroupNorm:
   """GroupNorm (then SiLU if `silu`): eps 1e-6 as in the DDPM reference, float32 statistics."""
-  return GroupNorm(num_groups=num_groups, epsilon=1e-6, silu=silu, dtype=dtype, name=name)
+  return GroupNorm(num_groups=num_groups, epsilon=1e-6, silu=silu, dtype=dtype,
+                   forward_mode=forward_mode, name=name)
 
 
 class ResBlock(nn.Module):
@@ -49,19 +70,22 @@ class ResBlock(nn.Module):
   scale_shift: bool = False
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  forward_mode: bool = False  # layers that jax.jvp can differentiate too
 
   @nn.compact
   def __call__(self, x, temb, *, train: bool):
     conv = lambda ch, k, name: nn.Conv(ch, (k, k), dtype=self.dtype, name=name)
-    h = group_norm(self.num_groups, self.dtype, 'norm1', silu=True)(x)
+    norm = lambda name, silu: group_norm(self.num_groups, self.dtype, name, silu=silu,
+                                         forward_mode=self.forward_mode)
+    h = norm('norm1', True)(x)
     h = conv(self.out_channels, 3, 'conv1')(h)
     emb = nn.Dense(self.out_channels * (2 if self.scale_shift else 1), dtype=self.dtype,
                    name='temb_proj')(nn.silu(temb))[:, None, None, :]
     if self.scale_shift:
       scale, shift = jnp.split(emb, 2, axis=-1)
-      h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm2')(h) * (1 + scale) + shift)
+      h = nn.silu(norm('norm2', False)(h) * (1 + scale) + shift)
     else:
-      h = group_norm(self.num_groups, self.dtype, 'norm2', silu=True)(h + emb)
+      h = norm('norm2', True)(h + emb)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                 name='conv2')(h)
@@ -81,6 +105,7 @@ class AttentionBlock(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   implementation: str = 'auto'
+  forward_mode: bool = False  # layers that jax.jvp can differentiate too
 
   @nn.compact
   def __call__(self, x):
@@ -88,10 +113,11 @@ class AttentionBlock(nn.Module):
     heads = c // self.head_dim if self.head_dim else self.num_heads
     if c % heads:
       raise ValueError(f'model.attention heads: {heads} heads do not divide {c} channels.')
-    y = group_norm(self.num_groups, self.dtype, 'norm')(x).reshape(b, h * w, c)
+    y = group_norm(self.num_groups, self.dtype, 'norm', forward_mode=self.forward_mode)(x)
+    y = y.reshape(b, h * w, c)
     qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, name='qkv')(y)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, HW, heads, head_dim]
-    y = attention(q, k, v, self.implementation)
+    y = attention(q, k, v, self.implementation, self.forward_mode)
     y = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                         name='proj_out')(y)
     return x + y.reshape(b, h, w, c)

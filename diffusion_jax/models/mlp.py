@@ -7,21 +7,27 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import timestep_embedding
+from diffusion_jax.models.layers import embed_interval, no_interval, timestep_embedding
 
 
 class MLP(nn.Module):
-  """x [B, D], t int32 [B] -> [B, D]: residual SiLU blocks, timestep embedding added to each."""
+  """x [B, D], t [B] -> [B, D]: residual SiLU blocks, timestep embedding added to each (with
+  `interval_embedding`, the step length's embedding `interval` [B] is added to it)."""
   hidden: int = 128
   num_layers: int = 4
   num_classes: int = 0
   dtype: Any = jnp.float32
+  interval_embedding: bool = False  # a second time input: the length of the step to take
 
   @nn.compact
-  def __call__(self, x, t, labels=None, *, train: bool = False):
+  def __call__(self, x, t, labels=None, *, train: bool = False, interval=None):
     del train  # no dropout
     temb = timestep_embedding(t, self.hidden)
     temb = nn.Dense(self.hidden, dtype=self.dtype)(nn.silu(nn.Dense(self.hidden)(temb)))
+    if self.interval_embedding:
+      temb = temb + embed_interval(interval, t, self.hidden, self.hidden, self.dtype)
+    else:
+      no_interval(interval)
     if self.num_classes:
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample,
-                                         group_norm, timestep_embedding)
+                                         embed_interval, group_norm, no_interval,
+                                         timestep_embedding)
 
 
 class UNet(nn.Module):
@@ -40,14 +41,20 @@ class UNet(nn.Module):
   out_channels: Optional[int] = None
   dtype: Any = jnp.float32
   attention: str = 'auto'  # the attention kernel: auto | xla | cudnn | lean
+  forward_mode: bool = False  # every layer differentiable by jax.jvp too (same parameters)
+  interval_embedding: bool = False  # a second time input: the length of the step to take
 
   @nn.compact
-  def __call__(self, x, t, labels=None, *, train: bool = False):
+  def __call__(self, x, t, labels=None, *, train: bool = False, interval=None):
     dtype = self.dtype
     temb_dim = 4 * self.channels
     temb = timestep_embedding(t, self.channels)
     temb = nn.Dense(temb_dim, dtype=dtype, name='temb_dense0')(temb)
     temb = nn.Dense(temb_dim, dtype=dtype, name='temb_dense1')(nn.silu(temb))
+    if self.interval_embedding:
+      temb = temb + embed_interval(interval, t, self.channels, temb_dim, dtype)
+    else:
+      no_interval(interval)
     if self.num_classes:
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
@@ -55,9 +62,9 @@ class UNet(nn.Module):
                              name='label_embed')(labels)
 
     resblock = lambda ch, name: ResBlock(ch, self.dropout, self.scale_shift, self.num_groups,
-                                         dtype, name=name)
+                                         dtype, self.forward_mode, name=name)
     attention = lambda name: AttentionBlock(self.num_heads, self.head_dim, self.num_groups,
-                                            dtype, self.attention, name=name)
+                                            dtype, self.attention, self.forward_mode, name=name)
     num_levels = len(self.channel_mult)
 
     h = nn.Conv(self.channels, (3, 3), dtype=dtype, name='conv_in')(x.astype(dtype))
@@ -86,7 +93,8 @@ class UNet(nn.Module):
       if level != 0:
         h = Upsample(dtype, name=f'up{level}_upsample')(h)
 
-    h = group_norm(self.num_groups, dtype, 'norm_out', silu=True)(h)
+    h = group_norm(self.num_groups, dtype, 'norm_out', silu=True,
+                   forward_mode=self.forward_mode)(h)
     out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), dtype=dtype,
                   kernel_init=nn.initializers.zeros, name='conv_out')(h)
     return out.astype(jnp.float32)
