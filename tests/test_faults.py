@@ -45,6 +45,16 @@ def launch(*args, devices=1, limit_file_bytes=None, timeout=600):
   return proc.returncode, proc.stdout + proc.stderr
 
 
+def launch_together(*commands: list[str], timeout=600) -> list[tuple[int, str]]:
+  """(exit status, output) of each launch.py command, run side by side on one device each."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen([sys.executable, 'launch.py', *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for args in commands]
+  outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+  return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
+
+
 def failure_line(output: str) -> str:
   """The one line launch.py prints for a failure that names its cause."""
   lines = [l for l in output.splitlines() if l.startswith('launch.py --mode=')]
@@ -238,9 +248,9 @@ def test_bad_npz_files_are_named(tmp_path):
       ([f'--config.data.path={tmp_path / "mixed.npz"}'],
        ['mixed.npz', '3 separate images', 'mixed sizes', 'one uint8 [N, H, W, C] array']),
   ]
-  for flags, named in cases:
-    code, out = launch(*IMAGES, '--config.data.source=npz', f'--workdir={tmp_path / "w"}',
-                       *flags)
+  results = launch_together(*([*IMAGES, '--config.data.source=npz', f'--workdir={tmp_path / "w"}',
+                                *flags] for flags, _ in cases))
+  for (_, named), (code, out) in zip(cases, results):
     line = failure_line(out)
     assert code == 1 and all(n in line for n in named), line
   assert not os.path.exists(tmp_path / 'w' / 'config.json')  # stopped before writing
