@@ -65,9 +65,7 @@ def test_train_then_sample_digits(tmp_path):
     assert f['images'].shape == (6, 8, 8, 1) and f['images'].dtype == np.uint8
   for name in ('grid.png', 'trajectory.png'):
     assert os.path.getsize(os.path.join(workdir, 'samples', name)) > 0
-  # Sampling again keeps the earlier files.
-  launch(*flags, '--mode=sample', '--config.sampling.num_samples=4', devices=2)
-  assert os.path.exists(os.path.join(workdir, 'samples', 'samples.1.npz'))
+  # (That sampling again keeps the earlier files is tests/test_faults.py's.)
 
 
 def test_train_then_sample_toy2d(tmp_path):
@@ -97,8 +95,7 @@ def test_train_then_sample_toy2d(tmp_path):
 
 def test_meanflow_config_trains_and_samples_in_one_and_two_calls(tmp_path):
   """configs/toy2d_meanflow.py, smaller, through launch.py: trained by the MeanFlow objective,
-  sampled by its own one-call default, then in two calls, then by a multistep solver (which
-  calls the network with steps of length 0, its flow-matching velocity)."""
+  sampled by its own one-call default, then in two calls."""
   flags = ['--config=configs/toy2d_meanflow.py', f'--workdir={tmp_path}'] + [
       f'--config.{k}' for k in ('data.num_points=4096', 'model.hidden=32', 'model.num_layers=2',
                                 'training.batch_size=64', 'training.num_steps=4',
@@ -107,9 +104,7 @@ def test_meanflow_config_trains_and_samples_in_one_and_two_calls(tmp_path):
                                 'sampling.batch_size=64')]
   launch(*flags)
   for extra, said in (([], 'euler, 1 network calls'),
-                      (['--config.sampling.num_steps=2'], 'euler, 2 network calls'),
-                      (['--config.sampling.sampler=dpm_solver++', '--config.sampling.num_steps=3'],
-                       'dpm_solver++, 3 network calls')):
+                      (['--config.sampling.num_steps=2'], 'euler, 2 network calls')):
     out = launch(*flags, '--mode=sample', *extra)
     assert said in out, out[-2000:]
     with np.load(os.path.join(tmp_path, 'samples', 'samples.npz')) as f:
@@ -134,14 +129,15 @@ SMALL = ['--config.model.channels=16', '--config.model.num_groups=8',
 @pytest.mark.parametrize('name', ['digits_flow', 'digits_edm'])
 def test_flow_and_edm_configs_train_and_sample(tmp_path, name):
   """The shipped flow-matching and EDM configs, as they are but smaller, through launch.py:
-  their own sampler, then heun, whose 3 steps are 5 network calls."""
+  their own sampler, then (EDM) heun, whose 3 steps are 5 network calls."""
   flags = [f'--config=configs/{name}.py', f'--workdir={tmp_path}'] + SMALL
   launch(*flags)
   out = launch(*flags, '--mode=sample', '--config.sampling.num_steps=3')
   assert 'dpm_solver++, 3 network calls per sample' in out
-  out = launch(*flags, '--mode=sample', '--config.sampling.num_steps=3',
-               '--config.sampling.sampler=heun', '--config.sampling.spacing=karras')
-  assert 'heun, 5 network calls per sample' in out
+  if name == 'digits_edm':
+    out = launch(*flags, '--mode=sample', '--config.sampling.num_steps=3',
+                 '--config.sampling.sampler=heun', '--config.sampling.spacing=karras')
+    assert 'heun, 5 network calls per sample' in out
   with np.load(os.path.join(tmp_path, 'samples', 'samples.npz')) as f:
     assert f['images'].shape == (4, 8, 8, 1)
 

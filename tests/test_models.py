@@ -167,19 +167,23 @@ def test_jax_jvp_passes_every_network(name, kw, shape):
   plain, forward = cls(**kw), cls(**kw, **({} if name == 'mlp' else {'forward_mode': True}))
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   t = jnp.linspace(0.2, 0.7, shape[0])
-  params, _ = init_and_apply(plain, x, t)
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), x, t)
+  leaves, tree = jax.tree.flatten(params)  # zero-initialised layers would hide dependences
+  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(jax.random.PRNGKey(i), p.shape)
+                                     for i, p in enumerate(leaves)])
   assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(
       forward.init, jax.random.PRNGKey(0), x, t))
   dx = jax.random.normal(jax.random.PRNGKey(1), shape)
   dt = jnp.ones_like(t)
-  f = lambda x, t: forward.apply(params, x, t)
-  out, d_out = jax.jit(lambda x, t: jax.jvp(f, (x, t), (dx, dt)))(x, t)
+  apply = jax.jit(forward.apply)
+  out, d_out = jax.jit(lambda x, t: jax.jvp(lambda x, t: forward.apply(params, x, t), (x, t),
+                                            (dx, dt)))(x, t)
   want = jax.jit(plain.apply)(params, x, t)
-  np.testing.assert_array_equal(jax.jit(forward.apply)(params, x, t), want)
+  np.testing.assert_array_equal(apply(params, x, t), want)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)  # (fused differently)
   step = 1e-2  # float32: a step this large keeps rounding (~1e-7 / step) below the tolerance
-  fd = (jax.jit(f)(x + step * dx, t + step * dt) - jax.jit(f)(x - step * dx, t - step * dt)) / (
-      2 * step)
+  fd = (apply(params, x + step * dx, t + step * dt) - apply(params, x - step * dx, t - step * dt)
+        ) / (2 * step)
   np.testing.assert_allclose(d_out, fd, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(fd))))
 
   g = jax.random.normal(jax.random.PRNGKey(2), out.shape)
