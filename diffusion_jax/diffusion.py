@@ -48,7 +48,7 @@ def extract(coef: Array, t: Array, x_shape) -> Array:
   return coef[t].reshape((t.shape[0],) + (1,) * (len(x_shape) - 1))
 
 
-def _column(a: Array, ndim: int) -> Array:
+def column(a: Array, ndim: int) -> Array:
   """[B] -> [B, 1, ..., 1] with `ndim` dimensions in all."""
   return jnp.reshape(a, (-1,) + (1,) * (ndim - 1))
 
@@ -131,7 +131,7 @@ def denoiser(predict: PredictFn, process, prediction_type: str) -> Callable[...,
     compute = jnp.promote_types(x_t.dtype, jnp.float32)  # float64 when x_t is
     interval = tuple(process.net_interval(t, r) for r in t_end)
     pred = predict(process.net_input(x_t, t), process.net_time(t), *interval).astype(compute)
-    alpha, sigma = (_column(a, x_t.ndim).astype(compute) for a in process.alpha_sigma(t))
+    alpha, sigma = (column(a, x_t.ndim).astype(compute) for a in process.alpha_sigma(t))
     return x0_from_prediction(prediction_type, pred, x_t.astype(compute), alpha, sigma,
                               process.sigma_data)
   return denoise_fn
@@ -144,7 +144,7 @@ def eps_fn_from(predict: PredictFn, process, prediction_type: str) -> PredictFn:
     pred = predict(process.net_input(x_t, t), process.net_time(t)).astype(x_t.dtype)
     if prediction_type == 'eps':
       return pred
-    alpha, sigma = (_column(a, x_t.ndim) for a in process.alpha_sigma(t))
+    alpha, sigma = (column(a, x_t.ndim) for a in process.alpha_sigma(t))
     x0 = x0_from_prediction(prediction_type, pred, x_t, alpha, sigma, process.sigma_data)
     return (x_t - alpha * x0) / sigma
   return eps_fn
@@ -198,7 +198,7 @@ def loss_per_example(predict: PredictFn, process, x0: Array, t: Array, noise: Ar
   L_simple, ||eps - eps_theta||^2.
   """
   alpha, sigma = process.alpha_sigma(t)
-  a, s = _column(alpha, x0.ndim), _column(sigma, x0.ndim)
+  a, s = column(alpha, x0.ndim), column(sigma, x0.ndim)
   x_t = a * x0 + s * noise
   pred = predict(process.net_input(x_t, t), process.net_time(t)).astype(jnp.float32)
   err = pred - training_target(prediction_type, x0, noise, a, s, process.sigma_data)

@@ -33,6 +33,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import diffusion
+
 Array = jnp.ndarray
 OBJECTIVES = ('denoise', 'meanflow')
 FORWARD_MODE = ('meanflow',)  # objectives that take jax.jvp of the network
@@ -64,8 +66,16 @@ def meanflow_times(t1: Array, t2: Array, coin: Array, ratio: float) -> tuple[Arr
   return t, jnp.where(coin < ratio, r, t)
 
 
-def _column(a: Array, ndim: int) -> Array:
-  return a.reshape(a.shape + (1,) * (ndim - 1))
+def trained_in_guidance(u_null: Callable[[Array], Array], keep: Array,
+                        scale: float) -> Callable[[Array, Array], Array]:
+  """MeanFlow's guidance trained into a class-conditional network (its eq. 13): (z, v) ->
+  scale v + (1 - scale) u_null(z) for the examples where `keep` [B] is True (their label was
+  kept), v for the rest; u_null(z) is the network's velocity at a step of length 0 without a
+  label."""
+  def guided_v(z: Array, v: Array) -> Array:
+    mixed = scale * v + (1.0 - scale) * u_null(z).astype(v.dtype)
+    return jnp.where(diffusion.column(keep, v.ndim), mixed, v)
+  return guided_v
 
 
 def meanflow_loss_per_example(u_fn: Callable[[Array, Array, Array], Array], x0: Array,
@@ -81,18 +91,18 @@ def meanflow_loss_per_example(u_fn: Callable[[Array, Array, Array], Array], x0: 
     t, r: the step's start and end [B], t >= r (`meanflow_times`).
     weight_power, weight_eps: the adaptive weight sg(1 / (|delta|^2 + eps)^p); p = 0 is the
       plain squared error.
-    guided_v: (z, v) -> the velocity to use instead of v (trained-in guidance), or None.
+    guided_v: (z, v) -> the velocity to use instead of v (`trained_in_guidance`), or None.
   Returns:
     [B] (float32, float64 for float64 inputs): sg(w) |delta|^2, with |delta|^2 the mean
     squared error over the dimensions.
   """
-  tc = _column(t, x0.ndim)
+  tc = diffusion.column(t, x0.ndim)
   z = (1.0 - tc) * x0 + tc * noise
   v = noise - x0
   if guided_v is not None:
     v = jax.lax.stop_gradient(guided_v(z, v))
   u, du_dt = jax.jvp(u_fn, (z, t, r), (v, jnp.ones_like(t), jnp.zeros_like(r)))
-  target = jax.lax.stop_gradient(v - (tc - _column(r, x0.ndim)) * du_dt)
+  target = jax.lax.stop_gradient(v - (tc - diffusion.column(r, x0.ndim)) * du_dt)
   compute = jnp.promote_types(u.dtype, jnp.float32)  # float32, or float64 for float64 inputs
   err = jnp.mean(jnp.square(u.astype(compute) - target.astype(compute)),
                  axis=tuple(range(1, x0.ndim)))

@@ -82,6 +82,14 @@ def loss_and_grads(params, rng: jnp.ndarray, step: jnp.ndarray, batch: dict, *, 
     coin = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 4)))(keys)
     t, r = objectives.meanflow_times(t, t_other, coin, tc.meanflow_ratio)
 
+  def guided_v(predict_null):
+    """Trained-in guidance (training.meanflow_guidance != 1, conditional runs), else None."""
+    w, null = tc.get('meanflow_guidance', 1.0), task.info.num_classes
+    if labels is None or w == 1.0:
+      return None
+    return objectives.trained_in_guidance(
+        lambda z: predict_null(z, jnp.full_like(labels, null)), labels != null, w)
+
   def loss_fn(shards):
     whole = parallel.gather(shards, specs)
     apply = lambda x_t, tt, lab, **kw: task.model.apply(
@@ -91,7 +99,8 @@ def loss_and_grads(params, rng: jnp.ndarray, step: jnp.ndarray, batch: dict, *, 
           lambda z, tt, rr: apply(z, task.process.net_time(tt), labels,
                                   interval=task.process.net_interval(tt, rr)),
           x0, noise, t, r, weight_power=tc.meanflow_weight_power,
-          guided_v=_trained_in_guidance(apply, task, tc, t, labels))
+          guided_v=guided_v(lambda z, lab: apply(z, task.process.net_time(t), lab,
+                                                 interval=jnp.zeros_like(t))))
     else:
       per_example = diffusion.loss_per_example(
           lambda x_t, tt: apply(x_t, tt, labels), task.process, x0, t, noise,
@@ -103,23 +112,6 @@ def loss_and_grads(params, rng: jnp.ndarray, step: jnp.ndarray, batch: dict, *, 
     return jax.lax.pmean(jnp.mean(per_example), parallel.BATCH_AXES)
 
   return jax.value_and_grad(loss_fn)(params)
-
-
-def _trained_in_guidance(apply, task: Task, tc, t, labels):
-  """MeanFlow's guidance trained into a class-conditional network (training.meanflow_guidance
-  w != 1): (z, v) -> w v + (1 - w) u(z, t, t | no label) for labelled examples, v for the
-  examples whose label was dropped. None when there is nothing to guide."""
-  w = tc.get('meanflow_guidance', 1.0)
-  if labels is None or w == 1.0:
-    return None
-  null = task.info.num_classes
-
-  def guided_v(z, v):
-    u_null = apply(z, task.process.net_time(t), jnp.full_like(labels, null),
-                   interval=jnp.zeros_like(t))
-    keep = (labels != null).reshape((-1,) + (1,) * (v.ndim - 1))
-    return jnp.where(keep, w * v + (1.0 - w) * u_null.astype(v.dtype), v)
-  return guided_v
 
 
 def train_step(state: TrainState, batch: dict, *, task: Task, config,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.attention import attention
-from diffusion_jax.models.layers import embed_interval, no_interval, timestep_embedding
+from diffusion_jax.models.layers import timestep_embedding, with_interval
 
 # name: (hidden width, depth, heads), Table 1 of the paper.
 PRESETS = {'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16), 'XL': (1152, 28, 16)}
@@ -176,10 +176,7 @@ class DiT(nn.Module):
     c = timestep_embedding(t, FREQUENCY_DIM)
     c = nn.Dense(dim, kernel_init=_normal, dtype=dtype, name='time_dense0')(c)
     c = nn.Dense(dim, kernel_init=_normal, dtype=dtype, name='time_dense1')(nn.silu(c))
-    if self.interval_embedding:
-      c = c + embed_interval(interval, t, FREQUENCY_DIM, dim, dtype)
-    else:
-      no_interval(interval)
+    c = with_interval(c, interval, self.interval_embedding, FREQUENCY_DIM, dtype)
     if self.num_classes:
       if labels is None:
         labels = jnp.full((b,), self.num_classes, jnp.int32)

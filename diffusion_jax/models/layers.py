@@ -30,24 +30,24 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) ->
   return emb
 
 
-def embed_interval(interval: jnp.ndarray | None, t: jnp.ndarray, frequencies: int, dim: int,
-                   dtype: Dtype, name: str = 'interval') -> jnp.ndarray:
-  """The embedding [B, dim] of a step's length (network time, float [B]; None: 0, i.e. a step
-  of length zero, the plain denoiser), to be added to the noise level's: sinusoidal features,
-  then two Dense layers (called from inside a compact module, which owns the layers)."""
+def with_interval(temb: jnp.ndarray, interval: jnp.ndarray | None, enabled: bool,
+                  frequencies: int, dtype: Dtype, name: str = 'interval') -> jnp.ndarray:
+  """The noise level's embedding temb [B, D] plus that of the step's length `interval` (network
+  time, float [B]; None: 0, a step of length zero, the plain denoiser) when the network has an
+  interval embedding (`enabled`): sinusoidal features, then two Dense layers (created in the
+  calling compact module). temb itself when it has not; a step length given to such a network
+  is refused."""
+  if not enabled:
+    if interval is not None:
+      raise ValueError('the network was given a step length but has no interval embedding; set '
+                       'model.interval_embedding=True (an objective that trains for steps, such '
+                       'as meanflow, needs it).')
+    return temb
   if interval is None:
-    interval = jnp.zeros(t.shape, jnp.float32)
+    interval = jnp.zeros(temb.shape[:1], jnp.float32)
   emb = timestep_embedding(interval, frequencies)
-  emb = nn.Dense(dim, dtype=dtype, name=f'{name}_dense0')(emb)
-  return nn.Dense(dim, dtype=dtype, name=f'{name}_dense1')(nn.silu(emb))
-
-
-def no_interval(interval) -> None:
-  """Refuses a step length given to a network built without `model.interval_embedding`."""
-  if interval is not None:
-    raise ValueError('the network was given a step length but has no interval embedding; set '
-                     'model.interval_embedding=True (an objective that trains for steps, such '
-                     'as meanflow, needs it).')
+  emb = nn.Dense(temb.shape[-1], dtype=dtype, name=f'{name}_dense0')(emb)
+  return temb + nn.Dense(temb.shape[-1], dtype=dtype, name=f'{name}_dense1')(nn.silu(emb))
 
 
 def group_norm(num_groups: int, dtype: Dtype, name: str | None = None, *,

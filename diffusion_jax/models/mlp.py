@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import embed_interval, no_interval, timestep_embedding
+from diffusion_jax.models.layers import timestep_embedding, with_interval
 
 
 class MLP(nn.Module):
@@ -24,10 +24,7 @@ class MLP(nn.Module):
     del train  # no dropout
     temb = timestep_embedding(t, self.hidden)
     temb = nn.Dense(self.hidden, dtype=self.dtype)(nn.silu(nn.Dense(self.hidden)(temb)))
-    if self.interval_embedding:
-      temb = temb + embed_interval(interval, t, self.hidden, self.hidden, self.dtype)
-    else:
-      no_interval(interval)
+    temb = with_interval(temb, interval, self.interval_embedding, self.hidden, self.dtype)
     if self.num_classes:
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)

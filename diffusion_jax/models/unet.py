@@ -18,8 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample,
-                                         embed_interval, group_norm, no_interval,
-                                         timestep_embedding)
+                                         group_norm, timestep_embedding, with_interval)
 
 
 class UNet(nn.Module):
@@ -51,10 +50,7 @@ class UNet(nn.Module):
     temb = timestep_embedding(t, self.channels)
     temb = nn.Dense(temb_dim, dtype=dtype, name='temb_dense0')(temb)
     temb = nn.Dense(temb_dim, dtype=dtype, name='temb_dense1')(nn.silu(temb))
-    if self.interval_embedding:
-      temb = temb + embed_interval(interval, t, self.channels, temb_dim, dtype)
-    else:
-      no_interval(interval)
+    temb = with_interval(temb, interval, self.interval_embedding, self.channels, dtype)
     if self.num_classes:
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
