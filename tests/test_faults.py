@@ -248,12 +248,15 @@ def test_bad_npz_files_are_named(tmp_path):
       ([f'--config.data.path={tmp_path / "mixed.npz"}'],
        ['mixed.npz', '3 separate images', 'mixed sizes', 'one uint8 [N, H, W, C] array']),
   ]
-  results = launch_together(*([*IMAGES, '--config.data.source=npz', f'--workdir={tmp_path / "w"}',
-                                *flags] for flags, _ in cases))
+  # One workdir each: side by side, runs of one workdir would meet its train lock instead.
+  workdirs = [tmp_path / f'w{i}' for i in range(len(cases))]
+  results = launch_together(*([*IMAGES, '--config.data.source=npz', f'--workdir={workdir}', *flags]
+                              for workdir, (flags, _) in zip(workdirs, cases)))
   for (_, named), (code, out) in zip(cases, results):
     line = failure_line(out)
     assert code == 1 and all(n in line for n in named), line
-  assert not os.path.exists(tmp_path / 'w' / 'config.json')  # stopped before writing
+  for workdir in workdirs:
+    assert not os.path.exists(workdir / 'config.json')  # stopped before writing
   # data.num_classes=0 reads the count from the labels (10 here).
   ok(*IMAGES, '--config.data.source=npz', f'--config.data.path={good}',
      '--config.data.class_conditional=True', '--config.data.num_classes=0',
