@@ -90,10 +90,17 @@ def get_config() -> ml_collections.ConfigDict:
   training.lognormal_std = 1.2  # lognormal: EDM's P_std
   training.time_shift = 1.0  # SD3's shift of the training times (sigma~ multiplied by it)
   training.steps_per_call = 1  # train steps per compiled call (lax.scan)
-  training.objective = 'denoise'  # denoise | meanflow (average velocity, few-step sampling)
+  training.objective = 'denoise'  # denoise | meanflow | shortcut | consistency (few-step sampling)
   training.meanflow_ratio = 0.25  # meanflow: share of examples with r != t (the rest: r = t)
   training.meanflow_weight_power = 1.0  # meanflow: p of the adaptive weight 1/(|err|^2 + c)^p
   training.meanflow_guidance = 1.0  # meanflow, class_conditional: guidance scale trained in
+  training.shortcut_ratio = 0.25  # shortcut: share of each batch that is self-consistency
+  training.shortcut_max_steps = 128  # shortcut: the finest step is 1 / this (a power of 2)
+  training.consistency_schedule = 'ict'  # consistency: pairs of levels: ict | ect (from init_from)
+  training.consistency_stages = 8  # consistency: curriculum stages over training.num_steps
+  training.consistency_q = 2.0  # consistency, ect: t - r shrinks by q each stage
+  training.consistency_huber_c = 0.00054  # consistency: pseudo-Huber c per sqrt(dimensions)
+  training.init_from = ''  # a run's workdir: start from its EMA parameters (fine-tuning, ECT)
   training.log_every = 100  # metrics to stdout and TensorBoard
   training.sample_every = 5000  # sample grid from the EMA params (0: off)
   training.checkpoint_every = 5000  # Orbax checkpoint

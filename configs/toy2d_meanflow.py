@@ -14,8 +14,8 @@ told where its step ends: sampling.num_steps is the number of calls (1 by defaul
 from configs import toy2d
 
 
-def get_config():
-  config = toy2d.get_config()
+def recipe(config):
+  """MeanFlow's settings on any base config (its data, network and budget stay)."""
   config.diffusion.process = 'flow'
   config.diffusion.prediction_type = 'flow'
   config.model.interval_embedding = True
@@ -25,9 +25,17 @@ def get_config():
   config.training.logit_normal_std = 1.0
   config.training.meanflow_ratio = 0.25
   config.training.meanflow_weight_power = 1.0
-  config.sampling.sampler = 'euler'
-  config.sampling.spacing = 'trailing'  # t_max (1 - i / S): equal steps, the last one to 0
-  config.sampling.num_steps = 1
-  config.sampling.preview_sampler = 'euler'
-  config.sampling.preview_steps = 1
+  return few_step_sampling(config, 'euler', 'trailing')  # t_max (1 - i / S): the last step to 0
+
+
+def few_step_sampling(config, sampler: str, spacing: str):
+  """Sampling (and previews) with a few-step family's own sampler, in one call by default."""
+  config.sampling.sampler = config.sampling.preview_sampler = sampler
+  config.sampling.spacing = spacing
+  config.sampling.stochastic = False
+  config.sampling.num_steps = config.sampling.preview_steps = 1
   return config
+
+
+def get_config():
+  return recipe(toy2d.get_config())

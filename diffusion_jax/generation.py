@@ -138,7 +138,7 @@ def row_ends(config, task: Task, steps, sampler: str) -> np.ndarray | None:
   stepwise = sampler in STEP_SAMPLERS and (sampler == 'euler' or config.sampling.eta == 0.0)
   if steps is None or not config.model.get('interval_embedding', False) or not stepwise:
     return None
-  return step_tables.row_ends(steps, task.process)
+  return samplers.row_ends(steps, task.process)
 
 
 def editing_mode(config) -> str | None:

@@ -48,7 +48,7 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
       output level, then RePaint's forward jump where the table has one. The table must come
       from `editing.for_inpainting`.
     row_ends: for a network that is told where its step ends (MeanFlow's average velocity),
-      the time each row steps to, float [S] (`step_tables.row_ends`): the network is called as
+      the time each row steps to, float [S] (`row_ends`): the network is called as
       `denoise_fn(x_t, t, t_end)`. None: `denoise_fn(x_t, t)`.
   Returns:
     x_0 [B, ...], or (x_0, trajectory [S + 1, B, ...] from the start to x_0) when asked.
@@ -113,6 +113,17 @@ def run_reverse(denoise_fn: DenoiseFn, steps: ReverseSteps, x_T: Array, rng: Arr
   if return_trajectory:
     return x0, jnp.concatenate([x_T[None], traj], axis=0)
   return x0
+
+
+def row_ends(steps: ReverseSteps, process) -> np.ndarray:
+  """The time each row of a one-call-per-step table (ddim, euler; inpainting: the level of its
+  blend) steps to, float64 [S], 0 (the data) after the last: what a network trained for steps
+  is told (MeanFlow: that Euler row with u(x_t, t_end, t) is its trained update)."""
+  if steps.alpha_next is None:
+    return np.append(steps.t[1:], 0.0)
+  noisy = steps.sigma_next > 0
+  lam = 2.0 * np.log(steps.alpha_next / np.where(noisy, steps.sigma_next, 1.0))
+  return np.where(noisy, processes.as_process(process).t_of_logsnr(lam), 0.0)
 
 
 def sample(denoise_fn: DenoiseFn, process: processes.Process, x_T: Array, rng: Array, *,

@@ -40,6 +40,8 @@ sigma~_t = sigma_t / alpha_t, a step from s to t has h = lambda_t - lambda_s:
                           - alpha_t ((phi + h) / h^2 - 1/2) D2                   (DPM-Solver's 3M)
              stochastic (the SDE form, "2M SDE"): sigma_t / sigma_s e^(-h) x + alpha_t (1 - e^(-2h))
              (D_0 + D1 / 2) + sigma_t sqrt(1 - e^(-2h)) z; order 3 adds the 3M SDE terms
+  Consistency  DDIM with s = sigma': x' = alpha' D + sigma' z, the data prediction noised afresh
+             (Song et al. 2023, Algorithm 1); one row is one-step generation
   UniPC      (Zhao et al. 2023, data prediction, B(h) = e^h - 1 "bh2"): the UniP-p predictor,
              and after every step but the last the UniC corrector, which moves the point the
              predictor started from using the network's output at the new point (no extra call)
@@ -61,7 +63,8 @@ import numpy as np
 
 from diffusion_jax import processes, timesteps
 
-SAMPLERS = ('ddpm', 'ddim', 'dpm_solver++', 'unipc', 'euler', 'heun', 'edm', 'euler_maruyama')
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver++', 'unipc', 'euler', 'heun', 'edm', 'euler_maruyama',
+            'consistency')
 MAX_ORDER = 3
 _LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++: fewer steps than this end at orders 2, 1
 
@@ -88,17 +91,6 @@ class ReverseSteps(NamedTuple):
   def num_calls(self) -> int:
     """Network calls the table makes: one per row."""
     return len(self.t)
-
-
-def row_ends(steps: ReverseSteps, process) -> np.ndarray:
-  """The time each row of a one-call-per-step table (ddim, euler; inpainting: the level of its
-  blend) steps to, float64 [S], 0 (the data) after the last: what a network trained for steps
-  is told (MeanFlow: that Euler row with u(x_t, t_end, t) is its trained update)."""
-  if steps.alpha_next is None:
-    return np.append(steps.t[1:], 0.0)
-  noisy = steps.sigma_next > 0
-  lam = 2.0 * np.log(steps.alpha_next / np.where(noisy, steps.sigma_next, 1.0))
-  return np.where(noisy, processes.as_process(process).t_of_logsnr(lam), 0.0)
 
 
 def _init_scale(alpha: np.ndarray, sigma: np.ndarray) -> float:
@@ -158,12 +150,17 @@ def _log_snr_path(process, num_steps: int, spacing: str, shift: float = 1.0,
 
 
 def ddim_steps(process, num_steps: int, eta: float = 0.0, spacing: str = 'leading',
-               shift: float = 1.0, strength: float = 1.0) -> ReverseSteps:
-  """S DDIM steps with stochasticity eta (0: deterministic DDIM, 1: DDPM-like)."""
-  seq, alpha, sigma, _ = _log_snr_path(process, num_steps, spacing, shift, strength)
+               shift: float = 1.0, strength: float = 1.0, fresh: bool = False) -> ReverseSteps:
+  """S DDIM steps with stochasticity eta (0: deterministic DDIM, 1: DDPM-like); `fresh`: s =
+  sigma' (consistency sampling) at the first S of the spacing's S + 1 times, whose last, the
+  lowest level, is where a consistency function is the identity."""
+  seq, alpha, sigma, _ = _log_snr_path(process, num_steps + fresh, spacing, shift, strength)
+  if fresh:
+    seq, (alpha, sigma, _) = seq[:-1], _path(process, seq[:-1])
   a, s, a_next, s_next = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
   st, st_next = s / a, s_next / a_next
-  noise = eta * a_next * st_next * np.sqrt(np.maximum(st ** 2 - st_next ** 2, 0.0)) / st
+  noise = (s_next if fresh else
+           eta * a_next * st_next * np.sqrt(np.maximum(st ** 2 - st_next ** 2, 0.0)) / st)
   coef_xt = np.sqrt(np.maximum(s_next ** 2 - noise ** 2, 0.0)) / s
   coef_x0 = a_next - coef_xt * a
   return _plain_table(seq, coef_xt, coef_x0, noise, _init_scale(alpha, sigma))
@@ -395,4 +392,6 @@ def build(sampler: str, process, *, num_steps: int, eta: float = 0.0, order: int
                      **(churn if sampler == 'edm' else {}))
   if sampler == 'euler_maruyama':
     return euler_maruyama_steps(process, num_steps, spacing, shift, strength)
+  if sampler == 'consistency':
+    return ddim_steps(process, num_steps, 0.0, spacing, shift, strength, fresh=True)
   raise ValueError(f'sampling.sampler={sampler!r} is unknown; choose one of {SAMPLERS}.')

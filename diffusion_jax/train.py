@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -31,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
                            input_pipeline, metric_logging, objectives, parallel, posthoc_ema,
                            processes, run_config, sources, stop_signals, task as task_lib,
-                           workdir_lock)
+                           warm_start, workdir_lock)
 from diffusion_jax.task import Task, TrainState
 
 
@@ -76,11 +77,18 @@ def loss_and_grads(params, rng: jnp.ndarray, step: jnp.ndarray, batch: dict, *, 
     labels = jnp.where(drop < tc.label_dropout, task.info.num_classes, batch['label'])
   dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), parallel.device_index())
 
+  uniform = lambda i: jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i)))(keys)
   if tc.objective == 'meanflow':
     t_other = processes.training_times(task.process, jax.vmap(lambda k: jax.random.fold_in(k, 3))(
         keys), index, tc.batch_size, **time_sampling(tc))
-    coin = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 4)))(keys)
-    t, r = objectives.meanflow_times(t, t_other, coin, tc.meanflow_ratio)
+    t, r = objectives.meanflow_times(t, t_other, uniform(4), tc.meanflow_ratio)
+  elif tc.objective == 'shortcut':
+    consistent = int(round(tc.shortcut_ratio * b))  # the first of this device's examples
+    t_step, r_step = objectives.shortcut_times(uniform(3), uniform(4), tc.shortcut_max_steps)
+    first = jnp.arange(b) < consistent
+    t, r = jnp.where(first, t_step, t), jnp.where(first, r_step, t)
+  elif tc.objective == 'consistency':
+    t, r, weight = objectives.consistency_times(tc, task.process, keys, index, step)
 
   def guided_v(predict_null):
     """Trained-in guidance (training.meanflow_guidance != 1, conditional runs), else None."""
@@ -101,6 +109,17 @@ def loss_and_grads(params, rng: jnp.ndarray, step: jnp.ndarray, batch: dict, *, 
           x0, noise, t, r, weight_power=tc.meanflow_weight_power,
           guided_v=guided_v(lambda z, lab: apply(z, task.process.net_time(t), lab,
                                                  interval=jnp.zeros_like(t))))
+    elif tc.objective == 'shortcut':
+      per_example = objectives.shortcut_loss_per_example(
+          lambda z, tt, rr: apply(z, task.process.net_time(tt), labels[:z.shape[0]]
+                                  if labels is not None else None,
+                                  interval=task.process.net_interval(tt, rr)),
+          x0, noise, t, r, consistent)
+    elif tc.objective == 'consistency':
+      f = diffusion.denoiser(lambda x, tt: apply(x, tt, labels), task.process,
+                             dc.prediction_type)
+      huber_c = tc.consistency_huber_c * math.sqrt(math.prod(x0.shape[1:]))
+      per_example = objectives.consistency_loss_per_example(f, x0, noise, t, r, weight, huber_c)
     else:
       per_example = diffusion.loss_per_example(
           lambda x_t, tt: apply(x_t, tt, labels), task.process, x0, t, noise,
@@ -249,6 +268,8 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
   writer = writer or metric_logging.create_writer(workdir, log=False)
   state = checkpointing.restore_or_keep(manager, task_lib.create_train_state(config, task, mesh),
                                         restore_fn=task_lib.restore_train_state)
+  if tc.init_from and not resuming:
+    state = warm_start.start_from_run(config, task, mesh, state, tc.init_from)
   step = int(state.step)
   if jax.process_index() == 0:
     run_config.record_config(config, workdir, resumed_at=step if resuming else None,

@@ -39,6 +39,7 @@ SAMPLERS = {
     'heun': dict(sampler='heun'),
     'edm (churn 10)': dict(sampler='edm', s_churn=10.0),
     'euler_maruyama': dict(sampler='euler_maruyama'),
+    'consistency': dict(sampler='consistency'),  # multistep consistency sampling
 }
 TOY_SAMPLES = 5000
 DRAWS = 8  # reference draws / random splits that each score averages over

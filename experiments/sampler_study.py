@@ -49,6 +49,7 @@ from experiments import judge as judge_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 REFERENCE = 'reference'
+OWN = 'own'  # --samplers: each run's own sampler and spacing (its config's sampling group)
 EM_REFERENCE_STEPS = 1000
 
 flags.DEFINE_list('workdir', None, 'Trained runs (one per formulation), of the same data.')
@@ -56,7 +57,8 @@ flags.DEFINE_string('config', None, 'Config file, used only if the run has no co
 flags.DEFINE_string('out', '', 'Output folder (default for one run: <workdir>/sampler_study).')
 flags.DEFINE_list('calls', ['5', '10', '20', '50'], 'Network calls per sample.')
 flags.DEFINE_list('samplers', list(judge_lib.SAMPLERS),
-                  f'Samplers, among {list(judge_lib.SAMPLERS)}.')
+                  f'Samplers, among {list(judge_lib.SAMPLERS)}, or {OWN!r}: each run\'s own '
+                  'sampler and spacing (e.g. runs of several few-step families).')
 flags.DEFINE_string('spacing', 'linspace', 'Timestep spacing of every sampler but DDPM.')
 flags.DEFINE_integer('num_samples', 0, 'Samples per set (toy2d only; 0: the judge\'s default).')
 flags.DEFINE_list('guidance_scales', ['1', '2', '4'], 'Conditional runs: guidance scales.')
@@ -108,8 +110,13 @@ def sample_set(config, task, mesh, params, n: int, seed: int, **settings):
 
 
 def formulation(config) -> str:
-  """A run's label: its process and parameterisation, e.g. `ddpm eps`, `flow flow`."""
-  return f'{config.diffusion.process} {config.diffusion.prediction_type}'
+  """A run's label: its process and parameterisation, e.g. `ddpm eps`, `flow flow`, or its
+  training objective beside the denoising loss, e.g. `flow meanflow`, `edm consistency (ict)`."""
+  objective = config.training.get('objective', 'denoise')
+  if objective == 'denoise':
+    return f'{config.diffusion.process} {config.diffusion.prediction_type}'
+  schedule = f' ({config.training.consistency_schedule})' if objective == 'consistency' else ''
+  return f'{config.diffusion.process} {objective}{schedule}'
 
 
 def scored(config, task, mesh, params, judge, name: str, calls: int | None, repeats: int,
@@ -245,9 +252,12 @@ def study_run(workdir: str, mesh, judge_for) -> tuple[list[dict], dict]:
         flush=True)
   rows, best = [], None
   for name in FLAGS.samplers:
+    settings = (dict(sampler=config.sampling.sampler) if name == OWN else
+                dict(spacing=FLAGS.spacing, **judge_lib.SAMPLERS[name]))
+    if name == OWN:
+      name = f'{config.sampling.sampler}, {config.sampling.spacing} (own)'
     for c in (int(c) for c in FLAGS.calls):
-      row, x = scored(config, task, mesh, params, judge, name, c, FLAGS.repeats,
-                      spacing=FLAGS.spacing, **judge_lib.SAMPLERS[name])
+      row, x = scored(config, task, mesh, params, judge, name, c, FLAGS.repeats, **settings)
       rows.append(row)
       if c == 20 and (best is None or row['ratio'] < best[0]):
         best = (row['ratio'], name, x)
@@ -276,7 +286,7 @@ def main(argv):
   if len(workdirs) > 1 and not FLAGS.out:
     raise app.UsageError('--out is needed with several --workdir.')
   out = FLAGS.out or os.path.join(workdirs[0], 'sampler_study')
-  unknown = sorted(set(FLAGS.samplers) - set(judge_lib.SAMPLERS))
+  unknown = sorted(set(FLAGS.samplers) - set(judge_lib.SAMPLERS) - {OWN})
   if unknown:
     raise app.UsageError(f'--samplers: unknown {unknown}; choose among '
                          f'{list(judge_lib.SAMPLERS)}.')

@@ -93,18 +93,20 @@ def test_train_then_sample_toy2d(tmp_path):
   assert f'{calls.mean():.1f} network calls per sample on average, {calls.max()} at most' in out
 
 
-def test_meanflow_config_trains_and_samples_in_one_and_two_calls(tmp_path):
-  """configs/toy2d_meanflow.py, smaller, through launch.py: trained by the MeanFlow objective,
-  sampled by its own one-call default, then in two calls."""
-  flags = ['--config=configs/toy2d_meanflow.py', f'--workdir={tmp_path}'] + [
+@pytest.mark.parametrize('family, sampler', [('meanflow', 'euler'), ('shortcut', 'euler'),
+                                             ('consistency', 'consistency')])
+def test_few_step_configs_train_and_sample_in_one_and_two_calls(tmp_path, family, sampler):
+  """configs/toy2d_{meanflow,shortcut,consistency}.py, smaller, through launch.py: trained by
+  their objective, sampled by their own one-call default, then in two calls."""
+  flags = [f'--config=configs/toy2d_{family}.py', f'--workdir={tmp_path}'] + [
       f'--config.{k}' for k in ('data.num_points=4096', 'model.hidden=32', 'model.num_layers=2',
                                 'training.batch_size=64', 'training.num_steps=4',
                                 'training.warmup_steps=2', 'training.log_every=2',
                                 'training.checkpoint_every=2', 'sampling.num_samples=64',
                                 'sampling.batch_size=64')]
   launch(*flags)
-  for extra, said in (([], 'euler, 1 network calls'),
-                      (['--config.sampling.num_steps=2'], 'euler, 2 network calls')):
+  for extra, said in (([], f'{sampler}, 1 network calls'),
+                      (['--config.sampling.num_steps=2'], f'{sampler}, 2 network calls')):
     out = launch(*flags, '--mode=sample', *extra)
     assert said in out, out[-2000:]
     with np.load(os.path.join(tmp_path, 'samples', 'samples.npz')) as f:

@@ -26,10 +26,12 @@ def study(*args):
 def test_toy_study_writes_the_table_plot_and_results(tmp_path):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny_toy_config(), workdir, writer=ListWriter())
-  out = study(f'--workdir={workdir}', '--calls=2,4', '--samplers=ddim,unipc-2',
+  # 'own': the run's own sampler and spacing (toy2d.py's: DPM-Solver++(2M) SDE on logsnr).
+  out = study(f'--workdir={workdir}', '--calls=2,4', '--samplers=ddim,own',
               '--num_samples=500', '--repeats=2', '--tolerances=0.05',
               '--compare_sampler=unipc-2')
-  assert '| ddim |' in out and '| unipc-2 |' in out and '| DDPM, 100 calls |' in out
+  own = 'dpm_solver++, logsnr (own)'
+  assert '| ddim |' in out and f'| {own} |' in out and '| DDPM, 100 calls |' in out
   folder = os.path.join(workdir, 'sampler_study')
   with open(os.path.join(folder, 'results.json')) as f:
     results = json.load(f)
@@ -42,7 +44,7 @@ def test_toy_study_writes_the_table_plot_and_results(tmp_path):
     assert f'| ddpm eps | 0.05 | {adaptive["calls"]} ({adaptive["calls_max"]}) |' in f.read()
   rows = rows[:4] + rows[6:]
   assert [(r['sampler'], r['calls']) for r in rows] == [
-      ('ddim', 2), ('ddim', 4), ('unipc-2', 2), ('unipc-2', 4), ('reference', 100)]
+      ('ddim', 2), ('ddim', 4), (own, 2), (own, 4), ('reference', 100)]
   assert all(len(r['ratios']) == (1 if r['sampler'] == 'reference' else 2)
              and math.isfinite(r['ratio']) and r['ratio'] > 0 for r in rows)
   with open(os.path.join(folder, 'table.md')) as f:

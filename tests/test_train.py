@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import checkpointing, input_pipeline, parallel, sources, train
+from diffusion_jax import checkpointing, input_pipeline, parallel, sources, train, warm_start
 from diffusion_jax import task as task_lib
 from tests.conftest import tiny_image_config, tiny_toy_config
 
@@ -220,3 +220,38 @@ def test_gradient_norm_does_not_depend_on_the_device_count(image_config):
     _, metrics = step(state, next(input_pipeline.create_iterator(image_config, mesh)))
     norms.append(float(metrics['grad_norm']))
   np.testing.assert_allclose(norms[0], norms[1], rtol=1e-4)
+
+
+def test_init_from_starts_from_another_runs_ema_parameters(tmp_path, tiny_digits_run):
+  """training.init_from: the parameters, their EMA and averages start as the other run's EMA
+  parameters (a new interval embedding keeps its initialisation), the optimizer fresh; a network
+  of other sizes or other data is refused with the parameter or field that differs."""
+  config, workdir = tiny_digits_run
+  mesh = parallel.create_mesh()
+  theirs, _ = task_lib.restore_ema_params(config, task_lib.create_task(config), mesh, workdir)
+  config = tiny_image_config()
+  config.model.interval_embedding = True
+  task = task_lib.create_task(config)
+  fresh = task_lib.create_train_state(config, task, mesh)
+  state = warm_start.start_from_run(config, task, mesh, fresh, workdir)
+  flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(jax.device_get(tree)))
+  ours, loaded, before = flat(state.params), flat(theirs), flat(fresh.params)
+  assert set(loaded) < set(ours)
+  for path, value in ours.items():
+    np.testing.assert_array_equal(value, loaded[path] if path in loaded else before[path])
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(fresh.opt_state)):
+    np.testing.assert_array_equal(a, b)
+  wider = tiny_image_config()
+  wider.model.channels *= 2
+  task = task_lib.create_task(wider)
+  with pytest.raises(ValueError, match=r'its parameter .* has shape .* model settings must agree'):
+    warm_start.start_from_run(wider, task, mesh, task_lib.create_train_state(wider, task, mesh),
+                              workdir)
+  other = tiny_image_config()
+  other.data.image_size = 16
+  with pytest.raises(ValueError, match='data.image_size=8.*start from a run of the same data'):
+    warm_start.start_from_run(other, None, mesh, None, workdir)
+  with pytest.raises(ValueError, match='holds no trained run'):
+    warm_start.start_from_run(config, None, mesh, None, str(tmp_path))
