@@ -18,8 +18,9 @@ class they were asked for.
 
 Writes to --out (default `<workdir>/sampler_study/` for one run): `table.md` (also printed),
 `results.json`, `quality_vs_calls.png` (a line per run and sampler), `samples.png` (the best
-setting at 20 calls) and, for conditional runs, `guidance.md` and `classes.png` (one row per
-class).
+setting at 20 calls), for images `fewest_calls.png` (a row of 20 samples per run, in the order of
+--workdir, from the first sampler at the fewest calls: e.g. one-step samples of each few-step
+family) and, for conditional runs, `guidance.md` and `classes.png` (one row per class).
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def study_run(workdir: str, mesh, judge_for) -> tuple[list[dict], dict]:
   judge = judge_for(config)
   print(f'{workdir} ({formulation(config)}) at step {step}; judge: {judge.description}',
         flush=True)
-  rows, best = [], None
+  rows, best, fewest = [], None, None
   for name in FLAGS.samplers:
     settings = (dict(sampler=config.sampling.sampler) if name == OWN else
                 dict(spacing=FLAGS.spacing, **judge_lib.SAMPLERS[name]))
@@ -261,6 +262,8 @@ def study_run(workdir: str, mesh, judge_for) -> tuple[list[dict], dict]:
       rows.append(row)
       if c == 20 and (best is None or row['ratio'] < best[0]):
         best = (row['ratio'], name, x)
+      if fewest is None and c == min(int(c) for c in FLAGS.calls):
+        fewest = x[:20]
   for tolerance in (float(t) for t in FLAGS.tolerances):
     row, _ = scored(config, task, mesh, params, judge, f'adaptive (tol {tolerance:g})', None,
                     FLAGS.repeats, sampler='adaptive', rtol=tolerance, atol=tolerance)
@@ -277,7 +280,8 @@ def study_run(workdir: str, mesh, judge_for) -> tuple[list[dict], dict]:
                       spacing=FLAGS.spacing))
     rows.append(scored(config, task, mesh, params, judge, REFERENCE, None,
                        FLAGS.reference_repeats, **reference)[0])
-  return rows, dict(config=config, task=task, params=params, step=step, judge=judge, best=best)
+  return rows, dict(config=config, task=task, params=params, step=step, judge=judge, best=best,
+                    fewest=fewest)
 
 
 def main(argv):
@@ -344,6 +348,11 @@ def main(argv):
   if best is not None:
     shown = best[2] if config.data.source == 'toy2d' else best[2][:100]
     images.save_png(images.picture(config, shown), os.path.join(out, 'samples.png'))
+  if config.data.source != 'toy2d' and FLAGS.samplers:
+    rows_of_runs = np.concatenate([r['fewest'] for r in runs])
+    images.save_png(images.make_grid(images.to_uint8(rows_of_runs), ncols=20,
+                                     scale=max(1, 64 // config.data.image_size), pad=2),
+                    os.path.join(out, 'fewest_calls.png'))
   print(table)
   print(f'wrote {out}/')
 

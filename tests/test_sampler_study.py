@@ -70,6 +70,9 @@ def test_conditional_digits_study_reports_guidance(tmp_path):
   with Image.open(os.path.join(folder, 'classes.png')) as im:
     width, height = im.size
   assert height > width * 0.9  # ten rows of ten
+  with Image.open(os.path.join(folder, 'fewest_calls.png')) as im:
+    width, height = im.size
+  assert width > 15 * height  # one run: one row of 20
 
 
 def test_formulations_side_by_side(tmp_path):
