@@ -7,9 +7,10 @@ time input, trained by flow matching and self-consistency, sampled in one to a f
 
 The paper's recipe: a quarter of each batch self-consistency with steps 2d in {1, ..., 1/64}
 (finest step 1/128), the rest flow matching at uniform times. No JVP: a step costs two extra
-forward passes on a quarter of the batch. 20,000 steps, 4x toy2d.py's (docs/few_steps.md). Sampling is Euler steps on an even grid ending at
-t = 0, each call told where its step ends: sampling.num_steps is the number of calls (1 by
-default; powers of 2 up to 128 are the trained steps).
+forward passes on a quarter of the batch. 20,000 steps, 4x toy2d.py's (docs/few_steps.md).
+Sampling is Euler steps on an even grid ending at t = 0, each call told where its step ends:
+sampling.num_steps is the number of calls (1 by default; powers of 2 up to 128 are the trained
+steps).
 """
 
 from configs import toy2d, toy2d_meanflow
