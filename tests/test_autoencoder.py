@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.models import autoencoder, autoencoder_weights
+from diffusion_jax.models import autoencoder_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'vae_tiny')
@@ -80,13 +80,3 @@ def test_files_that_do_not_fit_are_refused_naming_the_tensor(tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same)):
     np.testing.assert_array_equal(a, b)
   shutil.rmtree(tmp_path)
-
-
-def test_latent_shape_and_a_round_trip_of_the_mean():
-  model = autoencoder.AutoencoderKL(latent_channels=4, block_out_channels=(8, 16),
-                                    layers_per_block=1, num_groups=4)
-  x = jnp.zeros((2, 8, 8, 3))
-  params = model.init(jax.random.PRNGKey(0), x)['params']
-  mean, logvar = model.apply({'params': params}, x, method=model.encode)
-  assert mean.shape == logvar.shape == (2, 4, 4, 4)
-  assert model.apply({'params': params}, x).shape == x.shape

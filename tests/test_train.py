@@ -247,7 +247,7 @@ def test_init_from_starts_from_another_runs_ema_parameters(tmp_path, tiny_digits
   wider.model.channels *= 2
   task = task_lib.create_task(wider)
   with pytest.raises(ValueError, match=r'its parameter .* has shape .* model settings must agree'):
-    warm_start.start_from_run(wider, task, mesh, task_lib.create_train_state(wider, task, mesh),
+    warm_start.start_from_run(wider, task, mesh, task_lib.abstract_train_state(wider, task, mesh),
                               workdir)
   other = tiny_image_config()
   other.data.image_size = 16
