@@ -305,9 +305,13 @@ def main(argv):
       raise app.UsageError('--workdir: the runs are of different data; study them one by one.')
     return judges[key]
 
-  rows, runs = [], []
+  rows, runs, labels = [], [], []
   for workdir in workdirs:
     run_rows, context = study_run(workdir, mesh, judge_for)
+    labels.append(formulation(context['config']))
+    if labels.count(labels[-1]) > 1:  # two runs of one formulation: told apart by their folder
+      for row in run_rows:
+        row['formulation'] += f' [{os.path.basename(os.path.abspath(workdir))}]'
     rows += run_rows
     runs.append(context)
   first = runs[0]
