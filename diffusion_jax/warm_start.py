@@ -25,12 +25,11 @@ def start_from_run(config, task: Task, mesh, state: TrainState, workdir: str) ->
   if other is None:
     raise ValueError(f'training.init_from={workdir!r} holds no trained run (no config.json); '
                      'point it at a workdir that training wrote.')
-  for field in INIT_SHARES:
-    group, name = field.split('.')
-    theirs, ours = other[group].get(name), config[group].get(name)
-    if theirs != ours:
-      raise ValueError(f'training.init_from={workdir!r} was trained with {field}={theirs!r}, this '
-                       f'run with {ours!r}; start from a run of the same data.')
+  diffs = run_config.differences(other, config, INIT_SHARES)
+  if diffs:
+    field, (theirs, ours) = next(iter(diffs.items()))
+    raise ValueError(f'training.init_from={workdir!r} was trained with {field}={theirs!r}, this '
+                     f'run with {ours!r}; start from a run of the same data.')
   params, step = task_lib.restore_ema_params(other, task_lib.create_task(other), mesh, workdir)
   merged = merged_params(state.params, params, workdir)
   merged = jax.device_put(merged, jax.tree.map(lambda x: x.sharding, state.params))
