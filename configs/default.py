@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.check_images = True  # folder: decode every image once at start, skip (and name) bad ones
 
   config.model = model = ml_collections.ConfigDict()
-  model.architecture = 'unet'  # unet | dit | mlp
+  model.architecture = 'unet'  # unet | dit | mlp | autoencoder (latent diffusion's first stage)
   model.channels = 128  # base width of the U-Net
   model.channel_mult = (1, 2, 2, 2)  # width multiplier of each resolution level
   model.num_res_blocks = 2  # ResBlocks per down level (the up path has one more)
@@ -49,6 +49,20 @@ def get_config() -> ml_collections.ConfigDict:
   model.qk_norm = False  # dit: RMSNorm of each head's queries and keys
   model.rope = False  # dit: 2-D rotary position embedding instead of the sin-cos table
   model.interval_embedding = False  # a second time input, the step's length (meanflow needs it)
+
+  config.autoencoder = ae = ml_collections.ConfigDict()  # model.architecture=autoencoder
+  ae.block_out_channels = (64, 128, 256)  # width of each level; downsampling 2^(levels - 1)
+  ae.layers_per_block = 2  # ResNet blocks per encoder level (the decoder has one more)
+  ae.latent_channels = 4  # channels of the latent
+  ae.num_groups = 32  # GroupNorm groups
+  ae.loss = 'l1'  # reconstruction loss: l1 | l2 (per pixel)
+  ae.kl_weight = 1e-6  # KL to N(0, I), per pixel as latent diffusion weighs it
+
+  config.latent = latent = ml_collections.ConfigDict()  # latent diffusion on an autoencoder
+  latent.autoencoder = ''  # an autoencoder run's workdir or a diffusers AutoencoderKL folder
+  latent.autoencoder_step = -1  # its checkpoint (-1: the newest; training records the one used)
+  latent.scale = 0.0  # latents times this (0: the weights' scaling_factor, or 1 / the data's std)
+  latent.fingerprint = ''  # SHA-256 of the autoencoder's parameters (training records it)
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = 'ddpm'  # ddpm (discrete, T steps) | vp | flow | edm (continuous time)
@@ -163,5 +177,6 @@ def get_config() -> ml_collections.ConfigDict:
   ev.inception_batch_size = 200  # images per Inception-v3 call (split over the local devices)
   ev.kid_subset_size = 1000  # KID: rows per random subset (capped at the sample count)
   ev.kid_num_subsets = 100  # KID: random subsets averaged
+  ev.psnr_num_examples = 1000  # autoencoder runs: held-out images for the reconstruction PSNR
 
   return config

@@ -11,9 +11,10 @@ import os
 import traceback
 
 import jax
+import ml_collections
 
-from diffusion_jax import (config_fields, models, objectives, ode, processes, schedules, sources,
-                           timesteps)
+from diffusion_jax import (config_fields, latents, models, objectives, ode, processes, schedules,
+                           sources, task as task_lib, timesteps)
 
 MODES = config_fields.MODES
 
@@ -43,6 +44,11 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
                                     config.training, config.sampling)
   if data.source == 'toy2d':
     _choice(data.name, sources.TOY_DATASETS, 'data.name')
+  if task_lib.is_autoencoder(config):
+    _validate_autoencoder(config, num_devices, mode)
+    return
+  if task_lib.is_latent(config):
+    data = _validate_latent(config, mode)
   _validate_model(data, model)
   _validate_diffusion(diff)
   objectives.check(train.get('objective', 'denoise'), diff.process, diff.prediction_type,
@@ -66,6 +72,54 @@ def validate(config, num_devices: int, mode: str = 'train') -> None:
                        'sampler.')
     if mode == 'sample':
       _validate_editing(config)
+
+
+def _validate_autoencoder(config, num_devices: int, mode: str) -> None:
+  """An autoencoder run (model.architecture=autoencoder): images, a size its levels divide, no
+  sampling."""
+  data, ac = config.data, config.autoencoder
+  if data.source == 'toy2d':
+    raise ValueError('model.architecture=autoencoder encodes images; data.source=toy2d has points.')
+  if mode == 'sample':
+    raise ValueError('model.architecture=autoencoder: an autoencoder run does not sample. '
+                     '--mode=eval measures its reconstructions (PSNR); a diffusion run with '
+                     'latent.autoencoder=<this workdir> samples its latents.')
+  factor = 2 ** (len(ac.block_out_channels) - 1)
+  if data.image_size % factor:
+    raise ValueError(f'data.image_size={data.image_size} must be divisible by the autoencoder\'s '
+                     f'downsampling factor {factor} (autoencoder.block_out_channels='
+                     f'{tuple(ac.block_out_channels)}).')
+  if any(w % ac.num_groups for w in ac.block_out_channels):
+    raise ValueError(f'autoencoder.num_groups={ac.num_groups} must divide every width of '
+                     f'autoencoder.block_out_channels={tuple(ac.block_out_channels)}.')
+  _validate_attention(config.model)
+  if mode == 'train':
+    _validate_training(config.training, num_devices)
+
+
+def _validate_latent(config, mode: str):
+  """A latent run: the autoencoder is there (`latents.latent_shape` names it if not), and the
+  modes it cannot serve. Returns the data group as the network sees it (latent-sized)."""
+  shape = latents.latent_shape(config)
+  if config.data.source == 'toy2d':
+    raise ValueError('latent.autoencoder encodes images; data.source=toy2d has points.')
+  edits = [f for f in ('inpaint_image', 'init_image') if config.sampling[f]]
+  if mode == 'sample' and edits:
+    raise ValueError(f'sampling.{edits[0]} edits pixels, and a latent run (latent.autoencoder) '
+                     'samples latents: inpainting and image-to-image are not done in latent '
+                     'space here; drop the setting.')
+  if mode == 'eval' and config.eval.bpd_num_examples:
+    raise ValueError(f'eval.bpd_num_examples={config.eval.bpd_num_examples}: bits/dim of a '
+                     'latent run would be those of its latents, not of images; set it to 0 '
+                     '(FID/KID are measured on decoded images).')
+  clip = config.sampling.clip_x0
+  if clip and clip < 4 and mode in ('train', 'sample', 'eval'):
+    raise ValueError(f'sampling.clip_x0={clip} clips the data prediction to the range of '
+                     'images; a latent run\'s data are latents of unit standard deviation, '
+                     'which reach beyond it: set --config.sampling.clip_x0=0.')
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.image_size, data.channels = shape[0], shape[-1]
+  return data
 
 
 def _validate_editing(config) -> None:

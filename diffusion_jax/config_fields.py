@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import difflib
 
-from diffusion_jax import (diffusion, models, objectives, ode, phema, posthoc_ema, processes,
-                           run_config, schedules, sources, step_tables, timesteps)
+from diffusion_jax import (autoencoding, diffusion, models, objectives, ode, phema, posthoc_ema,
+                           processes, run_config, schedules, sources, step_tables, timesteps)
 from diffusion_jax.field_rules import Condition, Field, Run, both, either, is_set, when
 from diffusion_jax.models import attention, dit
 
@@ -56,6 +56,10 @@ MEANFLOW = when('training.objective', 'meanflow')
 SHORTCUT = when('training.objective', 'shortcut')
 CONSISTENCY = when('training.objective', 'consistency')
 POSITIVE = dict(kind=float, lo=0.0, lo_open=True)
+AUTOENCODER = when('model.architecture', 'autoencoder')
+DENOISER = when('model.architecture', 'unet', 'dit')
+LATENT = both(DENOISER, is_set('latent.autoencoder',
+                                                'latent diffusion (latent.autoencoder)'))
 FRACTION = dict(kind=float, lo=0.0, hi=1.0, hi_open=True)  # [0, 1)
 
 FIELDS = {
@@ -78,6 +82,17 @@ FIELDS = {
     'data.prefetch': Field(read_by=('train',), lo=0, **INT),
     'data.check_images': Field(bool, LOADING, needs=(when('data.source', 'folder'),)),
 
+    'autoencoder.block_out_channels': Field((int,), NETWORK, lo=1, lengths=tuple(range(1, 8)),
+                                            needs=(AUTOENCODER,)),
+    'autoencoder.layers_per_block': Field(read_by=NETWORK, needs=(AUTOENCODER,), **POSITIVE_INT),
+    'autoencoder.latent_channels': Field(read_by=NETWORK, needs=(AUTOENCODER,), **POSITIVE_INT),
+    'autoencoder.num_groups': Field(read_by=NETWORK, needs=(AUTOENCODER,), **POSITIVE_INT),
+    'autoencoder.loss': Field(str, TRAINING, choices=autoencoding.LOSSES, needs=(AUTOENCODER,)),
+    'autoencoder.kl_weight': Field(float, TRAINING, lo=0.0, needs=(AUTOENCODER,)),
+    'latent.autoencoder': Field(str, ALL, needs=(DENOISER,)),
+    'latent.autoencoder_step': Field(read_by=ALL, lo=-1, needs=(LATENT,), **INT),
+    'latent.scale': Field(float, ALL, lo=0.0, needs=(LATENT,)),
+    'latent.fingerprint': Field(str, ALL, needs=(LATENT,)),
     'model.architecture': Field(str, NETWORK, choices=models.ARCHITECTURES),
     'model.channels': Field(read_by=NETWORK, needs=(UNET,), **POSITIVE_INT),
     'model.channel_mult': Field((int,), NETWORK, lo=1, lengths=tuple(range(1, 9)),
@@ -233,6 +248,7 @@ FIELDS = {
     'eval.inception_batch_size': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
     'eval.kid_subset_size': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
     'eval.kid_num_subsets': Field(read_by=('eval',), needs=(FID,), **POSITIVE_INT),
+    'eval.psnr_num_examples': Field(read_by=('eval',), needs=(AUTOENCODER,), **POSITIVE_INT),
 }
 
 

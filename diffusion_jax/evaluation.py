@@ -1,4 +1,5 @@
-"""`--mode=eval`: FID and KID of EMA samples against the data set, and bits/dim on held-out data.
+"""`--mode=eval`: FID and KID of EMA samples against the data set, and bits/dim on held-out data
+(an autoencoder run: the PSNR of its reconstructions of held-out images).
 
   python launch.py --config=configs/flowers.py --workdir=/tmp/flowers --mode=eval \
     --config.eval.inception_path=/path/to/pt_inception-2015-12-05-6726825d.pth
@@ -30,10 +31,12 @@ from typing import Callable
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import (config_checks, diffusion, files, generation, input_pipeline,
-                           metric_logging, ode, parallel, stop_signals, task as task_lib)
+from diffusion_jax import (autoencoding, config_checks, diffusion, files, generation,
+                           input_pipeline, metric_logging, ode, parallel, stop_signals,
+                           task as task_lib)
 from diffusion_jax.metrics import feature_distances, inception, inception_weights
 
 REFERENCE_STATS = 'reference_stats.npz'  # mu, sigma: pytorch-fid's statistics format
@@ -155,15 +158,16 @@ def make_bpd_fn(config, task, mesh) -> Callable:
   return jax.jit(bpd, in_shardings=(rep, shard, shard, rep), out_shardings=rep)
 
 
-def _over_held_out(config, task, mesh, params, fn: Callable, stop, label: str) -> tuple:
-  """fn(params, x, labels, rng) -> arrays [B] over eval.bpd_num_examples held-out examples in
-  batches of eval.bpd_batch_size: each output for the real examples, in order. A signal set in
-  `stop` interrupts it (`stop_signals.Interrupted`)."""
-  ev = config.eval
-  count = ev.bpd_num_examples
-  x, labels, _ = input_pipeline.held_out_images(config, count)
+def _over_held_out(config, task, mesh, params, fn: Callable, stop, label: str, *,
+                   setting: str = 'eval.bpd_num_examples', batch_size: int = 0) -> tuple:
+  """fn(params, x, labels, rng) -> arrays [B] over the held-out examples that `setting` counts
+  in batches of `batch_size` (0: eval.bpd_batch_size): each output for the real examples, in
+  order. A signal set in `stop` interrupts it (`stop_signals.Interrupted`)."""
+  count = config.eval[setting.split('.')[1]]
+  x, labels, _ = input_pipeline.held_out_images(config, count, setting)
   sizes, _ = input_pipeline.host_share_sizes(count)
-  per_host = parallel.round_up(min(ev.bpd_batch_size, count), mesh.size) // jax.process_count()
+  batch_size = batch_size or config.eval.bpd_batch_size
+  per_host = parallel.round_up(min(batch_size, count), mesh.size) // jax.process_count()
   sharding = parallel.batch_sharding(mesh)
   rng = jax.random.PRNGKey(config.sampling.seed)
   # Every process runs the same batches (its share padded to the same length); a row is real
@@ -246,8 +250,29 @@ def evaluate(config, workdir: str) -> dict:
     return _evaluate(config, workdir, stop)
 
 
+def reconstruction_quality(config, task, mesh, params,
+                           stop: stop_signals.StopFlag | None = None) -> dict:
+  """An autoencoder run's reconstructions of eval.psnr_num_examples held-out images (the
+  decoded latent means): PSNR in dB (mean and standard error over images) and the mean absolute
+  error in [-1, 1] units."""
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+  def measure(p, x, labels, rng):
+    del labels, rng
+    recon = task.model.apply({'params': p}, x)
+    return autoencoding.psnr(x, recon), jnp.mean(jnp.abs(recon - x), axis=(1, 2, 3))
+
+  fn = jax.jit(measure, in_shardings=(rep, shard, shard, rep), out_shardings=rep)
+  psnr, l1 = _over_held_out(config, task, mesh, params, fn, stop, 'reconstructions',
+                            setting='eval.psnr_num_examples', batch_size=64)
+  return {'psnr': float(psnr.mean()), 'psnr_stderr': float(psnr.std() / math.sqrt(len(psnr))),
+          'l1': float(l1.mean()), 'psnr_num_examples': len(psnr)}
+
+
 def _evaluate(config, workdir: str, stop: stop_signals.StopFlag) -> dict:
   ev = config.eval
+  if task_lib.is_autoencoder(config):
+    return _evaluate_autoencoder(config, workdir, stop)
   toy = config.data.source == 'toy2d'
   if toy and (ev.inception_path or not (ev.bpd_num_examples and ev.ode_bpd)):
     raise ValueError('data.source=toy2d has points: --mode=eval measures their likelihood '
@@ -282,6 +307,22 @@ def _evaluate(config, workdir: str, stop: stop_signals.StopFlag) -> dict:
     results['ode_bpd_seconds'] = time.perf_counter() - start
   if want_bpd:
     results['bpd_num_examples'] = ev.bpd_num_examples
+  return _record(results, step, workdir, stop)
+
+
+def _evaluate_autoencoder(config, workdir: str, stop: stop_signals.StopFlag) -> dict:
+  mesh = parallel.create_mesh()
+  config_checks.validate(config, mesh.size, mode='eval')
+  task = task_lib.create_task(config)
+  ckpt = config.sampling.checkpoint_step
+  params, step = task_lib.restore_ema_params(config, task, mesh, workdir,
+                                             None if ckpt < 0 else ckpt)
+  results = {'step': step, **reconstruction_quality(config, task, mesh, params, stop)}
+  return _record(results, step, workdir, stop)
+
+
+def _record(results: dict, step: int, workdir: str, stop: stop_signals.StopFlag) -> dict:
+  """Logs the results and writes them to eval/results.json and metrics.jsonl."""
   logging.info('eval at step %d: %s', step, ', '.join(
       f'{k}={v:.6g}' for k, v in results.items() if k != 'step'))
   stop.check()  # nothing is written after a signal

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import (diffusion, editing, metric_logging, ode, parallel, samplers,
+from diffusion_jax import (diffusion, editing, latents, metric_logging, ode, parallel, samplers,
                            step_tables, stop_signals)
-from diffusion_jax.task import Task
+from diffusion_jax.task import Task, is_latent
 
 
 def guide(d_cond: jnp.ndarray, d_uncond: jnp.ndarray, scale) -> jnp.ndarray:
@@ -181,8 +181,20 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
   ends = row_ends(config, task, steps, sampler or sc.sampler)
   shape = tuple(task.info.shape)
   guide_task, guide_pt = guide if guide is not None else (None, None)
+  # A latent run's samples are decoded to images inside the same program.
+  decode, ae_params = latents.decoder(config) if is_latent(config) else (None, None)
+  if decode is not None:
+    ae_params = jax.device_put(ae_params, parallel.replicated(mesh))
 
-  def run(params, rng, label_offset, batch, inputs, guide_params):
+  def run(params, rng, label_offset, batch, inputs, guide_params, ae_params):
+    (out, *rest), calls = sample(params, rng, label_offset, batch, inputs, guide_params)
+    if decode is not None:
+      out = decode(ae_params, out)
+      rest = [jax.lax.map(lambda frame: decode(ae_params, frame), r) for r in rest]
+    return (out, *rest) if return_trajectory else out, calls
+
+  def sample(params, rng, label_offset, batch, inputs, guide_params):
+    """((samples, and the trajectory if asked), network calls of each sample)."""
     x_t = jax.random.normal(jax.random.fold_in(rng, 0), (batch,) + shape)
     x_t = jax.lax.with_sharding_constraint(x_t, parallel.batch_sharding(mesh))
     labels = None
@@ -192,8 +204,9 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
     guide_spec = None if guide_task is None else (guide_task, guide_params, guide_pt)
     denoise_fn = make_denoise_fn(task, params, labels, config, guided_by=guide_spec)
     if adaptive:
-      return ode.sample(denoise_fn, task.process, x_t, rtol=sc.rtol, atol=sc.atol,
-                        clip_x0=sc.clip_x0)
+      x, calls = ode.sample(denoise_fn, task.process, x_t, rtol=sc.rtol, atol=sc.atol,
+                            clip_x0=sc.clip_x0)
+      return (x,), calls
     x_start = known = None
     if edit == 'img2img':
       x_start = editing.noised(task.process, steps.t[0], inputs['image'], x_t)
@@ -202,7 +215,8 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
     out = samplers.run_reverse(denoise_fn, steps, x_t, jax.random.fold_in(rng, 1),
                                clip_x0=sc.clip_x0, return_trajectory=return_trajectory,
                                x_start=x_start, known=known, row_ends=ends)
-    return out, jnp.full((batch,), steps.num_calls, jnp.int32)
+    return (tuple(out) if return_trajectory else (out,)), jnp.full((batch,), steps.num_calls,
+                                                                    jnp.int32)
 
   compiled = jax.jit(run, static_argnums=3, out_shardings=parallel.replicated(mesh))
 
@@ -225,7 +239,7 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
         index = (i * batch + np.arange(batch)) % len(inputs['image'])
         rows = {k: np.asarray(v, np.float32)[index] for k, v in inputs.items()}
       out, batch_calls = fetch(compiled(params, jax.random.fold_in(rng, i), i * batch, batch,
-                                        rows, guide_params))
+                                        rows, guide_params, ae_params))
       outs.append(out)
       calls.append(batch_calls)
       if log_progress:

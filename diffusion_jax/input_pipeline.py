@@ -112,10 +112,13 @@ def read_ahead(dataset: grain.MapDataset, config) -> grain.IterDataset:
   return it
 
 
-def host_batches(config, batch_size: int, *, start_step: int = 0) -> Iterator[dict]:
-  """Endless host-local training batches of `batch_size` from the configured source, the first
-  being that of train step `start_step`."""
-  examples = sources.open_examples(config, config.data.splits)
+def host_batches(config, batch_size: int, *, start_step: int = 0,
+                 examples=None) -> Iterator[dict]:
+  """Endless host-local training batches of `batch_size` from the configured source (or from
+  `examples`, such as a latent run's encoded data), the first being that of train step
+  `start_step`."""
+  if examples is None:
+    examples = sources.open_examples(config, config.data.splits)
   step_batch = StepBatch(examples, batch_size * jax.process_count(),
                          seed=config.training.seed * 1000, random_flip=config.data.random_flip,
                          process_index=jax.process_index(), process_count=jax.process_count())
@@ -123,15 +126,16 @@ def host_batches(config, batch_size: int, *, start_step: int = 0) -> Iterator[di
   return iter(read_ahead(steps.map(step_batch), config))
 
 
-def abstract_batch(config, mesh) -> dict:
-  """Shapes, dtypes and shardings of one global training batch, as create_iterator yields it."""
+def abstract_batch(config, mesh, shape: tuple | None = None) -> dict:
+  """Shapes, dtypes and shardings of one global training batch, as create_iterator yields it
+  (examples of `shape`, default the data's: `example_shape`)."""
   k = config.training.steps_per_call
   lead = (k,) if k > 1 else ()
   sharding = parallel.batch_sharding(mesh, leading_axes=len(lead))
-  shape = lead + (config.training.batch_size,)
-  return {'x': jax.ShapeDtypeStruct(shape + tuple(example_shape(config)), np.float32,
-                                    sharding=sharding),
-          'label': jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding)}
+  examples = tuple(shape if shape is not None else example_shape(config))
+  batch = lead + (config.training.batch_size,)
+  return {'x': jax.ShapeDtypeStruct(batch + examples, np.float32, sharding=sharding),
+          'label': jax.ShapeDtypeStruct(batch, np.int32, sharding=sharding)}
 
 
 def device_prefetch(batches: Iterator[dict], size: int) -> Iterator:
@@ -145,14 +149,15 @@ def device_prefetch(batches: Iterator[dict], size: int) -> Iterator:
     yield queue.popleft()
 
 
-def create_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict]:
-  """Global training batches sharded over `mesh`, resuming at train step `start_step`.
+def create_iterator(config, mesh, *, start_step: int = 0, examples=None) -> Iterator[dict]:
+  """Global training batches sharded over `mesh`, resuming at train step `start_step`, from the
+  configured source or `examples` (`host_batches`).
 
   Yields {'x': [B, ...], 'label': [B]}, or [k, B, ...] with k = training.steps_per_call.
   """
   k = config.training.steps_per_call
   local = config.training.batch_size // jax.process_count()
-  per_step = host_batches(config, local, start_step=start_step)
+  per_step = host_batches(config, local, start_step=start_step, examples=examples)
   batches = per_step
   if k > 1:  # k consecutive step batches, so the data do not depend on k
     batches = (jax.tree.map(lambda *bs: np.stack(bs), *[next(per_step) for _ in range(k)])
@@ -208,13 +213,15 @@ def reference_images(config, count: int) -> Iterator[np.ndarray]:
     yield images.to_model_range(x)
 
 
-def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray, int]:
+def held_out_images(config, count: int,
+                    setting: str = 'eval.bpd_num_examples') -> tuple[np.ndarray, np.ndarray, int]:
   """This host's share of `count` held-out images (float32 in [-1, 1]; 2-D points as they are),
   their int32 labels, and how many are real: both padded to `host_share_sizes(count)[1]` rows.
 
   TFDS: the first `count` of data.eval_splits. In-memory sources: the last `count` examples
   (trained on as well: these sources have no held-out split). Folder: the first `count` images
-  of data.path (trained on as well).
+  of data.path (trained on as well). `setting` is the field that asked for `count` (named when
+  there are fewer).
   """
   source = config.data.source
   _, length = host_share_sizes(count)
@@ -222,7 +229,7 @@ def held_out_images(config, count: int) -> tuple[np.ndarray, np.ndarray, int]:
     logging.info('data.source=folder has no held-out split: bits/dim uses the first %d images '
                  'of data.path, which training saw.', count)
   examples = sources.open_examples(config, config.data.eval_splits)
-  idx = _host_indices(count, len(examples), 'eval.bpd_num_examples', source,
+  idx = _host_indices(count, len(examples), setting, source,
                       last=source not in ('tfds', 'folder'))
   chunks = list(_read_in_order(config, examples, idx))
   x = np.concatenate([c[0] for c in chunks])

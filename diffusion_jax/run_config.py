@@ -117,7 +117,7 @@ def load_config(workdir: str, config_file: str | None = None) -> ml_collections.
 HISTORY = 'config_history.jsonl'  # changes made when a run resumed, one JSON object per resume
 FINISHED_JSON = 'finished.json'  # written when training reaches training.num_steps
 # What the trained network is: these may not change when a run resumes or is sampled.
-NETWORK_GROUPS = ('model', 'diffusion')
+NETWORK_GROUPS = ('model', 'diffusion', 'autoencoder', 'latent')
 # Fields of those groups that choose how the network is computed, not what it is (the attention
 # kernel): a run resumes or samples with another, e.g. on another kind of device.
 COMPUTE_FIELDS = ('model.attention',)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import config_checks, input_pipeline, parallel, train
+from diffusion_jax import config_checks, input_pipeline, latents, parallel, train
 from diffusion_jax import task as task_lib
+from diffusion_jax.models.autoencoder import AutoencoderKL, ResnetBlock, SpatialAttention
 from diffusion_jax.models.dit import DiTBlock
 from diffusion_jax.models.layers import AttentionBlock, ResBlock
 
 # The blocks whose outputs the summary lists.
-BLOCKS = (ResBlock, AttentionBlock, DiTBlock)
+BLOCKS = (ResBlock, AttentionBlock, DiTBlock, ResnetBlock, SpatialAttention)
 
 
 def parameter_count(params) -> int:
@@ -31,8 +32,10 @@ def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
 
   def run(x, t, labels):
     params = task_lib.init_params(task.model, info, jax.random.PRNGKey(0))
+    inputs = (x,) if isinstance(task.model, AutoencoderKL) else (x, t, labels)
+    kwargs = {} if isinstance(task.model, AutoencoderKL) else {'train': False}
     _, state = task.model.apply(
-        {'params': params}, x, t, labels, train=False, mutable=['intermediates'],
+        {'params': params}, *inputs, mutable=['intermediates'], **kwargs,
         capture_intermediates=lambda mdl, name: (name == '__call__' and
                                                  isinstance(mdl, BLOCKS)))
     return state['intermediates']
@@ -48,7 +51,7 @@ def activation_shapes(task, batch: int = 1) -> list[tuple[str, tuple]]:
 def compiled_train_step(config, task, mesh):
   """The train step compiled for the state and batches training would have on `mesh`."""
   state = task_lib.abstract_train_state(config, task, mesh)
-  batch = input_pipeline.abstract_batch(config, mesh)
+  batch = input_pipeline.abstract_batch(config, mesh, task.info.shape)
   return train.make_train_step(config, task, mesh).lower(state, batch).compile()
 
 
@@ -73,9 +76,26 @@ def forward_flops(task, params) -> float:
   x = jax.ShapeDtypeStruct((1,) + tuple(info.shape), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   labels = jax.ShapeDtypeStruct((1,), jnp.int32) if info.num_classes else None
+  if isinstance(task.model, AutoencoderKL):  # encoding and decoding
+    return _flops(jax.jit(lambda p, x: task.model.apply({'params': p}, x)).lower(
+        params, x).cost_analysis())
   lowered = jax.jit(lambda p, x, t, y: task.model.apply({'params': p}, x, t, y)).lower(
       params, x, t, labels)
   return _flops(lowered.cost_analysis())
+
+
+def autoencoder_summary(config) -> dict:
+  """A latent run's autoencoder (its shape only, no weights read): parameters, and the FLOPs of
+  encoding and of decoding one image."""
+  model = latents.model_of(config)
+  size = config.data.image_size
+  x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
+  params = jax.eval_shape(lambda v: model.init(jax.random.PRNGKey(0), v)['params'], x)
+  z = jax.ShapeDtypeStruct((1,) + latents.latent_shape(config), jnp.float32)
+  cost = lambda method, inputs: _flops(jax.jit(lambda p, v: model.apply(
+      {'params': p}, v, method=method)).lower(params, inputs).cost_analysis())
+  return {'params': parameter_count(params), 'encode_flops': cost(AutoencoderKL.encode, x),
+          'decode_flops': cost(AutoencoderKL.decode, z)}
 
 
 def compiled_flops(compiled, num_devices: int = 1) -> float:
@@ -103,9 +123,17 @@ def summarize(config) -> dict:
   memory = train_step_memory(compiled)
   per_image = flops / config.training.batch_size
   forward = forward_flops(task, params)
-  print(f'model: {config.model.architecture}  data: {config.data.source} '
+  name = 'autoencoder' if task_lib.is_autoencoder(config) else config.model.architecture
+  print(f'model: {name}  data: {config.data.source} '
         f'{tuple(task.info.shape)}  classes: {task.info.num_classes}')
   print(f'params: {n_params}')
+  stages = {}
+  if task_lib.is_latent(config):
+    stages = {'autoencoder': autoencoder_summary(config)}
+    ae = stages['autoencoder']
+    print(f'autoencoder ({config.latent.autoencoder}): params {ae["params"]}, encoding '
+          f'{ae["encode_flops"] / 1e9:.3f} GFLOP and decoding {ae["decode_flops"] / 1e9:.3f} '
+          f'GFLOP per image; both stages: {n_params + ae["params"]} params')
   print('activations (batch 1):')
   for name, shape in shapes:
     print(f'  {name:<24} {tuple(shape)}')
@@ -116,4 +144,4 @@ def summarize(config) -> dict:
         f'{mesh.shape[parallel.FSDP_AXIS]}): state and batch {memory["state"] / 2**20:.1f} MiB, '
         f'temporaries {memory["temporaries"] / 2**20:.1f} MiB')
   return {'params': n_params, 'activations': shapes, 'flops_per_image': per_image,
-          'forward_flops_per_image': forward, 'train_step_memory': memory}
+          'forward_flops_per_image': forward, 'train_step_memory': memory, **stages}

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import (checkpointing, input_pipeline, models, objectives, parallel, phema,
-                           posthoc_ema, processes, schedules)
+from diffusion_jax import (autoencoding, checkpointing, input_pipeline, latents, models,
+                           objectives, parallel, phema, posthoc_ema, processes, schedules)
+from diffusion_jax.models.autoencoder import AutoencoderKL
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -90,16 +91,36 @@ def power_ema(config) -> phema.PowerEMA:
   return phema.power_ema(tuple(config.training.get('phema_sigma_rels', ())))
 
 
+def is_autoencoder(config) -> bool:
+  """Whether the run trains latent diffusion's autoencoder (model.architecture=autoencoder)
+  instead of a denoiser."""
+  return config.model.architecture == 'autoencoder'
+
+
+def is_latent(config) -> bool:
+  """Whether the run diffuses an autoencoder's latents (latent.autoencoder)."""
+  return not is_autoencoder(config) and bool(config.get('latent', {}).get('autoencoder'))
+
+
 def create_task(config) -> Task:
+  """The run's parts. An autoencoder run's model is the autoencoder (its process unused); a
+  latent run's examples have the latents' shape (`latents.latent_shape`)."""
   info = input_pipeline.data_info(config)
   tx, lr = create_optimizer(config.training)
+  process = processes.from_config(config.diffusion)
+  if is_autoencoder(config):
+    return Task(autoencoding.create_model(config), process, tx, lr, info._replace(num_classes=0))
+  if is_latent(config):
+    info = info._replace(shape=latents.latent_shape(config))
   forward_mode = config.training.get('objective', 'denoise') in objectives.FORWARD_MODE
-  return Task(models.create_model(config.model, info.num_classes, forward_mode),
-              processes.from_config(config.diffusion), tx, lr, info)
+  return Task(models.create_model(config.model, info.num_classes, forward_mode), process, tx,
+              lr, info)
 
 
 def init_params(model, info: input_pipeline.DataInfo, rng: jnp.ndarray):
   x = jnp.zeros((1,) + tuple(info.shape), jnp.float32)
+  if isinstance(model, AutoencoderKL):
+    return model.init({'params': rng}, x)['params']
   t = jnp.zeros((1,), jnp.int32)
   labels = jnp.zeros((1,), jnp.int32) if info.num_classes else None
   return model.init({'params': rng}, x, t, labels, train=False)['params']

@@ -29,10 +29,10 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import (checkpointing, config_checks, diffusion, files, generation, images,
-                           input_pipeline, metric_logging, objectives, parallel, posthoc_ema,
-                           processes, run_config, sources, stop_signals, task as task_lib,
-                           warm_start, workdir_lock)
+from diffusion_jax import (autoencoding, checkpointing, config_checks, diffusion, files,
+                           generation, images, input_pipeline, latents, metric_logging,
+                           objectives, parallel, posthoc_ema, processes, run_config, sources,
+                           stop_signals, task as task_lib, warm_start, workdir_lock)
 from diffusion_jax.task import Task, TrainState
 
 
@@ -68,6 +68,9 @@ def loss_and_grads(params, rng: jnp.ndarray, step: jnp.ndarray, batch: dict, *, 
   b = x0.shape[0]
   step_key = jax.random.fold_in(rng, step)
   keys = _example_keys(step_key, b)
+  if task_lib.is_autoencoder(config):
+    return autoencoding.loss_and_grads(params, x0, keys, specs=specs, model=task.model,
+                                       ac=config.autoencoder)
   index = parallel.device_index() * b + jnp.arange(b)
   t = processes.training_times(task.process, keys, index, tc.batch_size, **time_sampling(tc))
   noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(keys)
@@ -194,7 +197,7 @@ def compile_in_background(config, task: Task, mesh) -> concurrent.futures.Future
   restored and the data are read. `.result()` is the compiled step, or raises its error.
   """
   state = task_lib.abstract_train_state(config, task, mesh)
-  batch = input_pipeline.abstract_batch(config, mesh)
+  batch = input_pipeline.abstract_batch(config, mesh, task.info.shape)
   step = make_train_step(config, task, mesh)
   pool = concurrent.futures.ThreadPoolExecutor(1)
   future = pool.submit(lambda: step.lower(state, batch).compile())
@@ -261,6 +264,9 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
     config.data.num_classes = task.info.num_classes
   manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints)
   resuming = manager.latest_step() is not None
+  examples = None  # the configured source's, unless the run diffuses latents
+  if task_lib.is_latent(config):  # the autoencoder's step, fingerprint and scale resolved
+    config, examples = latents.prepare(config, workdir, trained=resuming)
   changes = run_config.check_resume(config, workdir) if resuming else {}
   # Not when the run looks finished: there would be nothing to compile for.
   compiling = (None if resuming and manager.latest_step() >= tc.num_steps
@@ -283,12 +289,17 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
       run_config.write_finished(workdir, step)
     return state
 
-  batches = input_pipeline.create_iterator(config, mesh, start_step=step)
+  batches = input_pipeline.create_iterator(config, mesh, start_step=step, examples=examples)
   p_train_step = (compiling.result() if compiling is not None
                   else make_train_step(config, task, mesh))
-  preview = tc.sample_every and generation.make_generate_fn(
-      config, task, mesh, sampler=config.sampling.preview_sampler,
-      num_steps=config.sampling.preview_steps)
+  if not tc.sample_every:
+    preview = None
+  elif task_lib.is_autoencoder(config):
+    preview = autoencoding.reconstruction_preview(config, task.model)
+  else:
+    preview = generation.make_generate_fn(config, task, mesh,
+                                          sampler=config.sampling.preview_sampler,
+                                          num_steps=config.sampling.preview_steps)
   progress = metric_logging.Progress(tc.num_steps, start=step, items_per_step=tc.batch_size)
   snapshots = _snapshot_manager(config, workdir, state) if tc.phema_sigma_rels else None
   config_record = json.loads(config.to_json_best_effort())  # a copy in every checkpoint
@@ -369,10 +380,11 @@ def _snapshot_manager(config, workdir: str, state):
 
 
 def write_preview(config, generate, params, step: int, workdir: str, writer) -> None:
-  """A grid (images) or scatter (points) of EMA samples, to a PNG and TensorBoard."""
+  """A grid (images) or scatter (points) of EMA samples (an autoencoder's reconstructions), to a
+  PNG and TensorBoard."""
   rng = jax.random.PRNGKey(config.sampling.seed)
   x = generate(params, rng, config.sampling.preview_samples)
-  picture = images.picture(config, x)
+  picture = images.picture(config, x, ncols=getattr(generate, 'ncols', None))
   if jax.process_index() == 0:
     images.save_png(picture, os.path.join(workdir, 'samples', f'train_{step:08d}.png'))
     writer.write_images(step, {'samples': picture[None]})

@@ -8,7 +8,7 @@ from diffusion_jax.models.unet import UNet
 
 # float16 is left out: it needs loss scaling, which training does not do (use bfloat16).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-ARCHITECTURES = ('unet', 'dit', 'mlp')
+ARCHITECTURES = ('unet', 'dit', 'mlp', 'autoencoder')  # autoencoder: `autoencoding`
 
 
 def create_model(model_config, num_classes: int = 0, forward_mode: bool = False):
@@ -40,6 +40,9 @@ def create_model(model_config, num_classes: int = 0, forward_mode: bool = False)
   if cfg.architecture == 'mlp':
     return MLP(hidden=cfg.hidden, num_layers=cfg.num_layers, num_classes=num_classes,
                dtype=dtype, interval_embedding=interval)
+  if cfg.architecture == 'autoencoder':
+    raise ValueError('model.architecture=autoencoder is built from the config\'s autoencoder '
+                     'group by autoencoding.create_model, not here.')
   raise ValueError(f'model.architecture={cfg.architecture!r} is unknown; '
                    f'choose one of {ARCHITECTURES}.')
 
