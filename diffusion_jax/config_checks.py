@@ -103,11 +103,6 @@ def _validate_latent(config, mode: str):
   shape = latents.latent_shape(config)
   if config.data.source == 'toy2d':
     raise ValueError('latent.autoencoder encodes images; data.source=toy2d has points.')
-  edits = [f for f in ('inpaint_image', 'init_image') if config.sampling[f]]
-  if mode == 'sample' and edits:
-    raise ValueError(f'sampling.{edits[0]} edits pixels, and a latent run (latent.autoencoder) '
-                     'samples latents: inpainting and image-to-image are not done in latent '
-                     'space here; drop the setting.')
   if mode == 'eval' and config.eval.bpd_num_examples:
     raise ValueError(f'eval.bpd_num_examples={config.eval.bpd_num_examples}: bits/dim of a '
                      'latent run would be those of its latents, not of images; set it to 0 '

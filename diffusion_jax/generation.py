@@ -178,6 +178,10 @@ def make_generate_fn(config, task: Task, mesh, *, sampler: str | None = None,
                      'sampler.')
   steps = None if adaptive else reverse_steps(config, task, sampler=sampler, num_steps=num_steps)
   edit = None if adaptive else editing_mode(config)
+  if edit is not None and is_latent(config):
+    raise ValueError(f'{edit}: sampling.inpaint_image and sampling.init_image edit pixels, and a '
+                     'latent run (latent.autoencoder) samples latents; editing in latent space '
+                     'is not offered here: drop the setting.')
   ends = row_ends(config, task, steps, sampler or sc.sampler)
   shape = tuple(task.info.shape)
   guide_task, guide_pt = guide if guide is not None else (None, None)

@@ -13,7 +13,11 @@ sides average over several draws of the real data, which steadies the ratio:
           trained here on the run's real labelled images: the real images are split in two
           halves A and B at random, the samples in two halves s1, s2 of the same size, and the
           score is (FD(s1, A) + FD(s2, B)) / 2 / FD(A, B), numerator and denominator each
-          averaged over 8 random splits. For digits: 1,796 samples.
+          averaged over 8 random splits. For digits: 1,796 samples. Larger images (flowers) are
+          average-pooled to 32x32 for the classifier, and `num_samples` may ask for fewer
+          samples than the data set has (A and B are then random sets of that half size).
+`nearest_training_images` and `copy_ratio` tell copies from new images: each sample's distance
+to its nearest training image against that of real images to their nearest other one.
 For class-conditional runs `class_share` is the share of samples the classifier puts in the class
 they were asked for (real digits: 1.0 on the data it was trained on).
 """
@@ -43,6 +47,7 @@ SAMPLERS = {
 }
 TOY_SAMPLES = 5000
 DRAWS = 8  # reference draws / random splits that each score averages over
+CLASSIFIER_SIZE = 32  # larger images are average-pooled to this side for the classifier
 
 
 class Judge(NamedTuple):
@@ -67,7 +72,18 @@ def _toy_judge(config, num_samples: int, seed: int) -> Judge:
                f'({baseline:.4f}), each over {DRAWS} draws')
 
 
-def _image_judge(config, seed: int) -> Judge:
+def pooled(x: np.ndarray, size: int = CLASSIFIER_SIZE) -> np.ndarray:
+  """uint8 images [N, H, W, C] average-pooled to at most `size` x `size` (the classifier's
+  input: a 64x64 flower is 12,288 numbers, too many for a small MLP on ~8,000 images)."""
+  factor = max(x.shape[1] // size, 1)
+  if factor == 1:
+    return x
+  n, h, w, c = x.shape
+  blocks = x.reshape(n, h // factor, factor, w // factor, factor, c).astype(np.float32)
+  return np.round(blocks.mean(axis=(2, 4))).astype(np.uint8)
+
+
+def _image_judge(config, seed: int, num_samples: int = 0) -> Judge:
   if config.data.source not in ('digits', 'npz'):
     raise ValueError(f'the judge trains its classifier on labelled in-memory images; '
                      f'data.source={config.data.source!r} is not one (use digits or an .npz with '
@@ -76,9 +92,10 @@ def _image_judge(config, seed: int) -> Judge:
   if labels is None:
     raise ValueError(f'data.path={config.data.path!r} has no `labels`: the judge needs them to '
                      'train its classifier.')
-  clf = classifier_features.train_classifier(real, labels, seed=seed)
-  feats = clf.hidden(real)
-  half = len(real) // 2
+  classes, labels = np.unique(labels, return_inverse=True)  # e.g. Oxford's 1..102 -> 0..101
+  clf = classifier_features.train_classifier(pooled(real), labels, seed=seed)
+  feats = clf.hidden(pooled(real))
+  half = min(len(real) // 2, num_samples // 2 or len(real))
   rng = np.random.default_rng(seed)
   splits = [rng.permutation(len(real)) for _ in range(DRAWS)]
   stats = lambda x: feature_distances.feature_statistics(x)
@@ -87,22 +104,56 @@ def _image_judge(config, seed: int) -> Judge:
   baseline = float(np.mean([fd(a, b) for a, b in halves]))
 
   def score(x):
-    f = clf.hidden(images.to_uint8(np.asarray(x)[:2 * half]))
+    f = clf.hidden(pooled(images.to_uint8(np.asarray(x)[:2 * half])))
     if len(f) < 2 * half:
       raise ValueError(f'the judge needs {2 * half} samples, got {len(f)}.')
     s1, s2 = stats(f[:half]), stats(f[half:])
     return float(np.mean([(fd(s1, a) + fd(s2, b)) / 2 for a, b in halves])) / baseline
 
   def class_share(x, asked):
-    return float(np.mean(clf.predict(images.to_uint8(np.asarray(x))) == np.asarray(asked)))
+    predicted = classes[clf.predict(pooled(images.to_uint8(np.asarray(x))))]
+    return float(np.mean(predicted == np.asarray(asked)))
   return Judge(2 * half, score, class_share,
-               f'classifier-feature FD of 2 x {half} samples to two halves of the '
-               f'{len(real)} real images / FD between the halves ({baseline:.4f}), each over '
+               f'classifier-feature FD of 2 x {half} samples to two random {half}-image sets of '
+               f'the {len(real)} real images / FD between those sets ({baseline:.4f}), each over '
                f'{DRAWS} random splits')
 
 
+def nearest_training_images(samples: np.ndarray, real: np.ndarray,
+                            chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """(index of each sample's nearest real image, its root-mean-square distance per pixel) in
+  [-1, 1] units: float samples [N, ...] as generated, uint8 real images [M, ...]."""
+  r = real.reshape(len(real), -1).astype(np.float32) / 127.5 - 1.0
+  r_sq = np.square(r).sum(1)
+  index, dist = [], []
+  for i in range(0, len(samples), chunk):
+    s = np.asarray(samples[i:i + chunk], np.float32).reshape(-1, r.shape[1])
+    d = np.square(s).sum(1)[:, None] + r_sq[None] - 2.0 * s @ r.T
+    index.append(np.argmin(d, axis=1))
+    dist.append(np.sqrt(np.maximum(np.min(d, axis=1), 0.0) / r.shape[1]))
+  return np.concatenate(index), np.concatenate(dist)
+
+
+def copy_ratio(samples: np.ndarray, real: np.ndarray, seed: int = 0,
+               count: int = 500) -> float:
+  """Median distance of the samples to their nearest real image, over the median distance of
+  `count` real images to their nearest other real image: well below 1 when samples copy the
+  training images, about 1 or above when they are as new as one real image is to the rest."""
+  _, d_samples = nearest_training_images(samples, real)
+  pick = np.random.default_rng(seed).choice(len(real), size=min(count, len(real)), replace=False)
+  others = np.ones(len(real), bool)
+  d_real = []
+  for i in pick:  # leave the image itself out
+    others[i] = False
+    d_real.append(nearest_training_images(real[i:i + 1].astype(np.float32) / 127.5 - 1.0,
+                                          real[others])[1][0])
+    others[i] = True
+  return float(np.median(d_samples) / np.median(d_real))
+
+
 def make_judge(config, *, seed: int = 0, num_samples: int = 0) -> Judge:
-  """The judge of a run described by `config` (num_samples: toy2d only; 0 for the default)."""
+  """The judge of a run described by `config` (num_samples: 0 for the default: toy2d 5,000
+  points, images as many as the data set has)."""
   if config.data.source == 'toy2d':
     return _toy_judge(config, num_samples or TOY_SAMPLES, seed)
-  return _image_judge(config, seed)
+  return _image_judge(config, seed, num_samples)

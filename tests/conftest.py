@@ -89,6 +89,53 @@ def tiny_digits_run(tmp_path_factory):
   return config, workdir
 
 
+def tiny_autoencoder_config():
+  """An autoencoder of widths 8-16 on the 8x8 digits: 4x4x4 latents."""
+  config = tiny_image_config()
+  config.model.architecture = 'autoencoder'
+  config.autoencoder.block_out_channels = (8, 16)
+  config.autoencoder.layers_per_block = 1
+  config.autoencoder.num_groups = 4
+  config.training.num_steps = 3
+  config.training.checkpoint_every = 3
+  config.training.sample_every = 3
+  config.training.keep_checkpoints = 5
+  config.eval.psnr_num_examples = 16
+  return config
+
+
+def tiny_latent_config(autoencoder: str):
+  """`tiny_image_config` diffusing the latents of the autoencoder run at `autoencoder`."""
+  config = tiny_image_config()
+  config.latent.autoencoder = autoencoder
+  config.model.attention_resolutions = (2,)  # the U-Net works at 4 and 2 on 4x4 latents
+  config.sampling.clip_x0 = 0.0
+  config.training.num_steps = 2
+  return config
+
+
+@pytest.fixture(scope='session')
+def autoencoder_run(tmp_path_factory):
+  """(config, workdir) of `tiny_autoencoder_config` trained for 3 steps (checkpoint at 3)."""
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import ListWriter  # pylint: disable=g-import-not-at-top
+  config = tiny_autoencoder_config()
+  workdir = str(tmp_path_factory.mktemp('autoencoder') / 'run')
+  train.train_and_evaluate(config, workdir, writer=ListWriter())
+  return config, workdir
+
+
+@pytest.fixture(scope='session')
+def latent_run(autoencoder_run, tmp_path_factory):
+  """(config, workdir) of `tiny_latent_config` on that autoencoder, trained for 2 steps."""
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import ListWriter  # pylint: disable=g-import-not-at-top
+  config = tiny_latent_config(autoencoder_run[1])
+  workdir = str(tmp_path_factory.mktemp('latent') / 'run')
+  train.train_and_evaluate(config, workdir, writer=ListWriter())
+  return config, workdir
+
+
 @pytest.fixture
 def image_config():
   return tiny_image_config()

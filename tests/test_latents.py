@@ -14,47 +14,8 @@ import pytest
 from diffusion_jax import (autoencoding, config_checks, evaluation, latents, parallel, run_config,
                            sampling, sources, summary, task as task_lib, train)
 from diffusion_jax.models.autoencoder import AutoencoderKL
-from tests.conftest import tiny_image_config
+from tests.conftest import tiny_autoencoder_config, tiny_latent_config
 from tests.test_train import ListWriter
-
-
-def tiny_autoencoder_config():
-  config = tiny_image_config()
-  config.model.architecture = 'autoencoder'
-  config.autoencoder.block_out_channels = (8, 16)
-  config.autoencoder.layers_per_block = 1
-  config.autoencoder.num_groups = 4
-  config.training.num_steps = 3
-  config.training.checkpoint_every = 3
-  config.training.sample_every = 3
-  config.training.keep_checkpoints = 5
-  config.eval.psnr_num_examples = 16
-  return config
-
-
-def tiny_latent_config(autoencoder: str):
-  config = tiny_image_config()
-  config.latent.autoencoder = autoencoder
-  config.model.attention_resolutions = (2,)  # the U-Net works at 4 and 2 on 4x4 latents
-  config.sampling.clip_x0 = 0.0
-  config.training.num_steps = 2
-  return config
-
-
-@pytest.fixture(scope='module')
-def autoencoder_run(tmp_path_factory):
-  config = tiny_autoencoder_config()
-  workdir = str(tmp_path_factory.mktemp('autoencoder') / 'run')
-  train.train_and_evaluate(config, workdir, writer=ListWriter())
-  return config, workdir
-
-
-@pytest.fixture(scope='module')
-def latent_run(autoencoder_run, tmp_path_factory):
-  config = tiny_latent_config(autoencoder_run[1])
-  workdir = str(tmp_path_factory.mktemp('latent') / 'run')
-  train.train_and_evaluate(config, workdir, writer=ListWriter())
-  return config, workdir
 
 
 @pytest.mark.parametrize('loss', ['l1', 'l2'])
@@ -173,3 +134,16 @@ def test_start_up_refusals_of_latent_and_autoencoder_runs(autoencoder_run):
   ae.data.image_size = 9
   with pytest.raises(ValueError, match='downsampling factor 2'):
     config_checks.validate(ae, 1, mode='train')
+
+
+def test_latent_study_judges_a_latent_and_a_pixel_run(latent_run, tiny_digits_run, tmp_path):
+  from experiments import latent_study  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'study')
+  latent_study.study([('pixel', tiny_digits_run[1], None), ('latent', latent_run[1], 2)], out,
+                     num_samples=16)
+  with open(os.path.join(out, 'results.json')) as f:
+    results = json.load(f)
+  assert [r['name'] for r in results] == ['pixel', 'latent'] and results[1]['step'] == 2
+  assert results[1]['latent'] and not results[0]['latent']
+  assert all(np.isfinite(r['ratio']) and r['copy_ratio'] > 0 for r in results)
+  assert os.path.exists(os.path.join(out, 'latent_nearest.png'))

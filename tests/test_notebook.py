@@ -41,3 +41,18 @@ def test_notebook_restores_and_shows_samples(tiny_digits_run):
   assert 'inpainted (4, 8, 8, 1)' in text
   assert f'executable {sys.executable}' in text  # the kernel runs this interpreter
   assert 'tensorflow imported: False' in text
+
+
+def test_notebook_restores_a_latent_run_and_shows_decoded_samples(latent_run):
+  _, workdir = latent_run
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  inject_parameters(nb, WORKDIR=workdir, CONFIG='configs/no_such_file.py', NUM_STEPS=3,
+                    NUM_SAMPLES=4, SEED=1)
+  client = NotebookClient(nb, timeout=300, kernel_name='python3',
+                          resources={'metadata': {'path': ROOT}})
+  client.execute()
+  outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
+  assert not [o for o in outputs if o.output_type == 'error']
+  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  assert 'samples (4, 8, 8, 1)' in text  # decoded: images, not the 4x4x4 latents
+  assert 'inpainting is shown for pixel runs only' in text

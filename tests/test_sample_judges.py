@@ -69,3 +69,23 @@ def test_image_judge_needs_labelled_in_memory_data(tmp_path):
   config.data.path = str(path)
   with pytest.raises(ValueError, match='no `labels`'):
     judge_lib.make_judge(config)
+
+
+def test_pooled_images_are_block_means():
+  x = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)
+  got = judge_lib.pooled(x, size=2)
+  assert got.shape == (2, 2, 2, 1)
+  assert got[0, 0, 0, 0] == np.round(np.mean([0, 1, 4, 5]))
+  assert judge_lib.pooled(x, size=8) is x  # small images stay as they are
+
+
+def test_copies_of_training_images_have_a_copy_ratio_near_zero():
+  rng = np.random.default_rng(0)
+  real = rng.integers(0, 256, (200, 4, 4, 3), dtype=np.uint8)
+  copies = real[:50].astype(np.float32) / 127.5 - 1.0
+  index, dist = judge_lib.nearest_training_images(copies, real)
+  np.testing.assert_array_equal(index, np.arange(50))
+  np.testing.assert_allclose(dist, 0.0, atol=1e-3)
+  assert judge_lib.copy_ratio(copies, real, count=100) < 0.01
+  fresh = rng.integers(0, 256, (50, 4, 4, 3)).astype(np.float32) / 127.5 - 1.0  # new images
+  assert 0.8 < judge_lib.copy_ratio(fresh, real, count=100) < 1.2
