@@ -113,10 +113,10 @@ def test_latent_run_stops_when_its_autoencoder_changed_or_is_gone(autoencoder_ru
   with pytest.raises(ValueError, match='autoencoder_step=3'):
     train.train_and_evaluate(resumed, workdir, writer=ListWriter())
   resumed.latent.autoencoder_step = 3  # the fix the error names
-  train.train_and_evaluate(resumed, workdir, writer=ListWriter())
+  assert latents.prepare(resumed, workdir, trained=True)[0].latent.autoencoder_step == 3
   gone = tiny_latent_config(str(tmp_path / 'nowhere'))
   with pytest.raises(ValueError, match='no autoencoder there'):
-    train.train_and_evaluate(gone, str(tmp_path / 'other'), writer=ListWriter())
+    config_checks.validate(gone, 1, mode='train')
 
 
 def test_start_up_refusals_of_latent_and_autoencoder_runs(autoencoder_run):

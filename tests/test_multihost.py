@@ -152,14 +152,15 @@ def test_sigterm_stops_both_processes_at_the_same_step_with_a_checkpoint(tmp_pat
   assert str(last) in saved, (last, saved)
 
 
-def test_eval_over_two_processes_with_an_uneven_example_count(tmp_path):
+def test_eval_over_two_processes_with_an_uneven_example_count(tmp_path, tiny_digits_run):
   """5 held-out images over 2 processes: shares of 3 and 2, padded to the same batches, so the
   processes' collectives match (an uneven split used to leave one waiting) and each image
   counts once."""
+  import shutil  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_image_config  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_digits_run[1], workdir)  # a trained tiny run (its own copy: eval writes)
   flags = ['--config=configs/digits.py'] + overrides(tiny_image_config())
-  launch(*flags, f'--workdir={workdir}', devices=4)
   bpd = ['--mode=eval', '--config.eval.bpd_num_examples=5', '--config.eval.bpd_batch_size=4',
          '--config.eval.ode_bpd=False']  # the bound: what is tested is the split of examples
   launch_processes(flags + [f'--workdir={workdir}'] + bpd, num_processes=2,
