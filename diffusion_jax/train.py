@@ -205,6 +205,9 @@ def compile_in_background(config, task: Task, mesh) -> concurrent.futures.Future
   return future
 
 
+IN_FLIGHT = 2  # calls of the train step dispatched ahead of the one the devices run
+
+
 def _crossed(step: int, k: int, every: int) -> bool:
   """Whether the k steps that ended at `step` crossed a multiple of `every`."""
   return bool(every) and step // every != (step - k) // every
@@ -329,6 +332,10 @@ def _train(config, workdir: str, mesh, writer) -> TrainState:
       state, metrics = p_train_step(state, next(batches))
       step += k
       pending.append(metrics)
+      if len(pending) > IN_FLIGHT:
+        # Dispatch runs ahead of the devices: without a bound, a SIGTERM would wait for every
+        # step queued since the last log (minutes on a CPU) before the checkpoint is written.
+        jax.block_until_ready(pending[-IN_FLIGHT - 1]['loss'])
       last = step >= tc.num_steps
       log_now = _crossed(step, k, tc.log_every)
       stop = preempted.is_set()

@@ -10,7 +10,7 @@ their nearest training images), `<out>/results.json` and prints a Markdown table
 
   python experiments/latent_study.py --out=/tmp/latent_study \
       --runs=keras=/tmp/flowers_keras,latent=/tmp/flowers_latent@2000 \
-      --data_path=flowers64.npz --num_samples=500
+      --data_path=flowers64.npz --num_samples=400 --sampler=dpm_solver++ --num_steps=25
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_samples', 500, 'Samples per run (the judge compares sets of half).')
   flags.DEFINE_integer('seed', 0, 'Sampling noise and the judge\'s classifier.')
   flags.DEFINE_string('out', '/tmp/latent_study', 'Where pictures and results go.')
+  flags.DEFINE_string('sampler', '', 'Every run samples with this sampler instead of its own '
+                      '(solver order 2, deterministic, logsnr spacing); \'\': each its own.')
+  flags.DEFINE_integer('num_steps', 0, 'With --sampler: its network calls.')
   flags.mark_flags_as_required(['runs'])
 
 
@@ -53,11 +56,14 @@ def parse_run(spec: str) -> tuple[str, str, int | None]:
   return name, workdir, int(step) if step else None
 
 
-def run_samples(workdir: str, step: int | None, num_samples: int, seed: int, data_path: str):
-  """(config, samples float32 [n, H, W, C] in [-1, 1], checkpoint step, seconds) of one run."""
+def run_samples(workdir: str, step: int | None, num_samples: int, seed: int, data_path: str,
+                sampling: dict | None = None):
+  """(config, samples float32 [n, H, W, C] in [-1, 1], checkpoint step, seconds) of one run,
+  with its own sampling settings updated by `sampling` ({field: value} of the sampling group)."""
   config = run_config.load_config(workdir)
   if data_path:
     config.data.path = data_path
+  config.sampling.update(sampling or {})
   mesh = parallel.create_mesh()
   task = task_lib.create_task(config)
   params, found = task_lib.restore_ema_params(config, task, mesh, workdir, step)
@@ -77,15 +83,16 @@ def nearest_picture(samples: np.ndarray, real: np.ndarray, count: int = 16) -> n
   return images.make_grid(np.concatenate(rows), ncols=per_row)
 
 
-def study(runs: list, out: str, *, num_samples: int, seed: int = 0,
-          data_path: str = '') -> list:
+def study(runs: list, out: str, *, num_samples: int, seed: int = 0, data_path: str = '',
+          sampling: dict | None = None) -> list:
   """The rows of the study (one dict per run) for `runs` = [(name, workdir, step)], with the
-  pictures and results.json written to `out`."""
+  pictures and results.json written to `out`; `sampling` overrides every run's sampler."""
   os.makedirs(out, exist_ok=True)
   judge = real = None
   results = []
   for name, workdir, step in runs:
-    config, x, found, seconds = run_samples(workdir, step, num_samples, seed, data_path)
+    config, x, found, seconds = run_samples(workdir, step, num_samples, seed, data_path,
+                                            sampling)
     if judge is None:  # one judge for every run: the data are the same
       judge = judge_lib.make_judge(config, seed=seed, num_samples=num_samples)
       real, _ = sources.load_in_memory(config)
@@ -93,7 +100,8 @@ def study(runs: list, out: str, *, num_samples: int, seed: int = 0,
     row = {'name': name, 'workdir': workdir, 'step': found, 'ratio': judge.score(x),
            'copy_ratio': judge_lib.copy_ratio(x, real, seed=seed),
            'sampling_seconds': seconds, 'num_samples': len(x),
-           'latent': bool(config.latent.autoencoder)}
+           'latent': bool(config.latent.autoencoder), 'sampler': config.sampling.sampler,
+           'sampling_steps': config.sampling.num_steps}
     results.append(row)
     images.save_png(images.picture(config, x[:64], ncols=8), os.path.join(out, f'{name}.png'))
     images.save_png(nearest_picture(x, real), os.path.join(out, f'{name}_nearest.png'))
@@ -104,8 +112,13 @@ def study(runs: list, out: str, *, num_samples: int, seed: int = 0,
 
 
 def main(_):
+  sampling = {}
+  if FLAGS.sampler:
+    sampling = dict(sampler=FLAGS.sampler, num_steps=FLAGS.num_steps or 25, solver_order=2,
+                    stochastic=False, spacing='logsnr')
   results = study([parse_run(spec) for spec in FLAGS.runs], FLAGS.out,
-                  num_samples=FLAGS.num_samples, seed=FLAGS.seed, data_path=FLAGS.data_path)
+                  num_samples=FLAGS.num_samples, seed=FLAGS.seed, data_path=FLAGS.data_path,
+                  sampling=sampling)
   print('\n| run | step | judge ratio | copy ratio | sampling s |\n| --- | --- | --- | --- | --- |')
   for r in results:
     print(f'| {r["name"]} | {r["step"]} | {r["ratio"]:.2f} | {r["copy_ratio"]:.2f} | '

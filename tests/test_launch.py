@@ -237,3 +237,31 @@ def test_ctrl_c_stops_a_long_sampling_batch_and_keeps_the_earlier_samples(tmp_pa
   assert 'stopped by SIGINT; nothing was written' in text.strip().splitlines()[-1]
   assert sorted(os.listdir(earlier.parent)) == ['samples.npz']
   assert earlier.read_bytes() == b'the samples of an earlier run'
+
+
+def test_flowers_autoencoder_and_latent_configs_train_and_sample_from_an_npz(tmp_path):
+  """configs/flowers_ae.py, then configs/flowers_latent.py on its latents, then sampling, as the
+  docs run them (data from --config.data.source=npz), shrunk to tiny widths and a few steps."""
+  rng = np.random.default_rng(0)
+  npz = str(tmp_path / 'flowers.npz')
+  np.savez(npz, images=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8),
+           labels=np.arange(24) % 3 + 1)
+  data = ['--config.data.source=npz', f'--config.data.path={npz}', '--config.data.image_size=16']
+  small = ['--config.training.num_steps=2', '--config.training.batch_size=8',
+           '--config.training.checkpoint_every=2', '--config.training.sample_every=2',
+           '--config.training.warmup_steps=1', '--config.sampling.preview_samples=4',
+           '--config.training.log_every=1']
+  ae, latent = str(tmp_path / 'ae'), str(tmp_path / 'latent')
+  launch('--config=configs/flowers_ae.py', f'--workdir={ae}', *data, *small,
+         '--config.autoencoder.block_out_channels=(8,16)', '--config.autoencoder.num_groups=4')
+  out = launch('--config=configs/flowers_latent.py', f'--workdir={latent}', *data, *small,
+               f'--config.latent.autoencoder={ae}', '--config.model.channels=8',
+               '--config.model.channel_mult=(1,2)', '--config.model.attention_resolutions=(4,)',
+               '--config.model.num_groups=4', '--config.model.head_dim=8',
+               '--config.sampling.preview_steps=2')
+  assert 'Encoded 24 images (and mirrored) into latents (8, 8, 4)' in out
+  assert os.path.exists(os.path.join(latent, 'samples', 'train_00000002.png'))
+  launch('--config=configs/flowers_latent.py', f'--workdir={latent}', '--mode=sample',
+         '--config.sampling.num_samples=4', '--config.sampling.num_steps=2')
+  with np.load(os.path.join(latent, 'samples', 'samples.npz')) as f:
+    assert f['images'].shape == (4, 16, 16, 3)
